@@ -1,0 +1,472 @@
+// Native CPU kernels of the SHADE penalty: one pass forward, one pass backward.
+//
+// y arrives as (A, C, B). Two layouts get their own loops:
+//   B == 1  units innermost ((N, C), channels-last): vectorised across units;
+//   B  > 1  every unit a run of B samples (NCHW): vectorised along the run.
+// Work is cut into chunks whose size depends only on the shape, and the per-chunk partial sums are
+// added in a fixed order, so the results are bitwise the same from run to run and whatever the
+// number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "vec_exp.h"
+
+namespace shade_ops {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kGrain = 16384;    // elements of y in one work item
+constexpr int64_t kMaxChunks = 64;   // bound on the partial sums kept per unit
+constexpr int64_t kTile = 1024;      // elements converted at a time for float16 / bfloat16
+constexpr int kSums = 4;             // sum s, sum s*y, sum q*y, sum of the penalty terms
+
+// ---- element-wise math, written once for scalars and vectors ------------------------------
+
+// q = exp(-max(y, 0)). A NaN in y may give any q: it reaches every sum through y itself.
+template <typename T>
+inline T q_of(T y) {
+  return std::exp(-std::max(y, T(0)));
+}
+template <typename T>
+inline Vectorized<T> q_of(const Vectorized<T>& y) {
+  return exp_nonpositive(Vectorized<T>(T(0)) - at::vec::clamp_min(y, Vectorized<T>(T(0))));
+}
+// relu for the output of ShadeReLU: NaN stays NaN, as in torch.relu.
+template <typename T>
+inline T relu_(T x) {
+  return x != x ? x : std::max(x, T(0));
+}
+template <typename T>
+inline Vectorized<T> relu_(const Vectorized<T>& x) {
+  return at::vec::maximum(x, Vectorized<T>(T(0)));
+}
+// v where y > 0, else 0 (relu'(0) = 0)
+template <typename T>
+inline T where_positive(T y, T v) {
+  return y > T(0) ? v : T(0);
+}
+template <typename T>
+inline Vectorized<T> where_positive(const Vectorized<T>& y, const Vectorized<T>& v) {
+  return Vectorized<T>::blendv(Vectorized<T>(T(0)), v, y > Vectorized<T>(T(0)));
+}
+template <typename T>
+inline T fma_(T a, T b, T c) {
+  return a * b + c;
+}
+template <typename T>
+inline Vectorized<T> fma_(const Vectorized<T>& a, const Vectorized<T>& b, const Vectorized<T>& c) {
+  return at::vec::fmadd(a, b, c);
+}
+
+// Per unit, the penalty term of SPEC section 2 is
+//   s (y - mu1)^2 + q (y - mu0)^2 = (y - mu1)^2 + q (a y + b),  a = 2 (mu1 - mu0), b = mu0^2 - mu1^2
+// and the gradient of SPEC section 3, with ds = q where y > 0 and 0 elsewhere, is
+//   w (2 (y - mu1) + q (a - ds/q (a y + b))).
+// Both need one exp and a few fused multiply-adds per element.
+template <typename V>
+struct ForwardCoef {
+  V mu1, a, b;
+};
+template <typename V>
+struct Terms {
+  V s, q, pen;
+};
+template <typename V>
+inline Terms<V> terms(V y, const ForwardCoef<V>& k) {
+  const V q = q_of(y);
+  const V d1 = y - k.mu1;
+  return {V(1) - q, q, fma_(d1, d1, q * fma_(k.a, y, k.b))};
+}
+
+// w folded in: c1 = 2 w, c0 = -2 w mu1, wa = w a, wb = w b.
+template <typename V>
+struct BackwardCoef {
+  V c1, c0, wa, wb;
+};
+template <typename V>
+inline V gradient(V y, const BackwardCoef<V>& k) {
+  const V q = q_of(y);
+  return fma_(k.c1, y, k.c0) + q * (k.wa - where_positive(y, fma_(k.wa, y, k.wb)));
+}
+
+// (mu1, a, b) per unit, as three rows of a (3, C) buffer.
+template <typename acc_t>
+std::vector<acc_t> forward_coefficients(const acc_t* mu0, const acc_t* mu1, int64_t C) {
+  std::vector<acc_t> coef(3 * C);
+  for (int64_t c = 0; c < C; ++c) {
+    coef[c] = mu1[c];
+    coef[C + c] = 2 * (mu1[c] - mu0[c]);
+    coef[2 * C + c] = mu0[c] * mu0[c] - mu1[c] * mu1[c];
+  }
+  return coef;
+}
+
+// ---- float16 / bfloat16: convert a tile to float, compute, convert back ------------------
+
+// Calls f(acc, offset, n) on consecutive pieces of src as acc_t.
+template <typename scalar_t, typename acc_t, typename F>
+inline void for_each_tile(const scalar_t* src, int64_t n, F&& f) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    f(src, int64_t(0), n);
+  } else {
+    acc_t buf[kTile];
+    for (int64_t i = 0; i < n; i += kTile) {
+      const int64_t m = std::min(kTile, n - i);
+      at::vec::convert(src + i, buf, m);
+      f(static_cast<const acc_t*>(buf), i, m);
+    }
+  }
+}
+
+// A writable acc_t view of dst[0:n] that is written back when it goes out of scope.
+template <typename scalar_t, typename acc_t>
+struct OutTile {
+  scalar_t* dst;
+  int64_t n;
+  acc_t buf[std::is_same_v<scalar_t, acc_t> ? 1 : kTile];
+  acc_t* data() {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return dst;
+    } else {
+      return buf;
+    }
+  }
+  ~OutTile() {
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      if (dst != nullptr) at::vec::convert(buf, dst, n);
+    }
+  }
+};
+
+// ---- shape of the work -----------------------------------------------------------------
+
+// Rows per chunk: about kGrain elements, and never more than kMaxChunks chunks in all.
+inline int64_t rows_per_chunk(int64_t rows, int64_t row_len) {
+  const int64_t by_grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, row_len));
+  const int64_t by_cap = (rows + kMaxChunks - 1) / kMaxChunks;
+  return std::max(by_grain, by_cap);
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+struct Shape {
+  int64_t A, C, B;
+};
+
+inline Shape check_inputs(const at::Tensor& y, const at::Tensor& mu) {
+  TORCH_CHECK(y.dim() == 3, "shade_ops: y must be viewed as (A, C, B), got ", y.dim(), " dims");
+  TORCH_CHECK(at::isFloatingType(y.scalar_type()), "shade_ops: y must be floating point");
+  TORCH_CHECK(mu.dim() == 2 && mu.size(0) == 2 && mu.size(1) == y.size(1),
+              "shade_ops: mu must have shape (2, C) with C = ", y.size(1));
+  TORCH_CHECK(y.device() == mu.device(), "shade_ops: y and mu must be on one device");
+  return {y.size(0), y.size(1), y.size(2)};
+}
+
+inline bool is_mean(c10::string_view reduction) {
+  TORCH_CHECK(reduction == "mean" || reduction == "sum",
+              "shade_ops: reduction must be 'mean' or 'sum', got '", reduction, "'");
+  return reduction == "mean";
+}
+
+// ---- forward ---------------------------------------------------------------------------
+
+// Partial sums over `rows` units-innermost rows of a (rows, C) block, added into
+// partial (kSums, C), row after row: a stride-C walk down a column would touch a new page at every
+// step once C is large, while these partials stay in L1.
+template <typename acc_t>
+void forward_rows(const acc_t* y, int64_t rows, int64_t C, const acc_t* coef, acc_t* out,
+                  acc_t* partial) {
+  using Vec = Vectorized<acc_t>;
+  const acc_t *mu1 = coef, *a = coef + C, *b = coef + 2 * C;
+  acc_t *ps = partial, *psy = partial + C, *pqy = partial + 2 * C, *ppen = partial + 3 * C;
+  std::fill(partial, partial + kSums * C, acc_t(0));
+  for (int64_t r = 0; r < rows; ++r, y += C) {
+    int64_t c = 0;
+    for (; c + Vec::size() <= C; c += Vec::size()) {
+      const Vec v = Vec::loadu(y + c);
+      const auto t = terms(v, ForwardCoef<Vec>{Vec::loadu(mu1 + c), Vec::loadu(a + c),
+                                               Vec::loadu(b + c)});
+      (Vec::loadu(ps + c) + t.s).store(ps + c);
+      fma_(t.s, v, Vec::loadu(psy + c)).store(psy + c);
+      fma_(t.q, v, Vec::loadu(pqy + c)).store(pqy + c);
+      (Vec::loadu(ppen + c) + t.pen).store(ppen + c);
+      if (out != nullptr) relu_(v).store(out + r * C + c);
+    }
+    for (; c < C; ++c) {
+      const acc_t v = y[c];
+      const auto t = terms(v, ForwardCoef<acc_t>{mu1[c], a[c], b[c]});
+      ps[c] += t.s;
+      psy[c] = fma_(t.s, v, psy[c]);
+      pqy[c] = fma_(t.q, v, pqy[c]);
+      ppen[c] += t.pen;
+      if (out != nullptr) out[r * C + c] = relu_(v);
+    }
+  }
+}
+
+// Running sums along the runs of one unit: vector lanes, then a scalar tail.
+template <typename acc_t>
+struct RunSums {
+  using Vec = Vectorized<acc_t>;
+  Vec s{0}, sy{0}, qy{0}, pen{0};
+  acc_t ts = 0, tsy = 0, tqy = 0, tpen = 0;
+
+  void add(const acc_t* y, int64_t n, const ForwardCoef<acc_t>& k, acc_t* out) {
+    const ForwardCoef<Vec> kv{Vec(k.mu1), Vec(k.a), Vec(k.b)};
+    int64_t i = 0;
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const Vec v = Vec::loadu(y + i);
+      const auto t = terms(v, kv);
+      s += t.s;
+      sy = fma_(t.s, v, sy);
+      qy = fma_(t.q, v, qy);
+      pen += t.pen;
+      if (out != nullptr) relu_(v).store(out + i);
+    }
+    for (; i < n; ++i) {
+      const acc_t v = y[i];
+      const auto t = terms(v, k);
+      ts += t.s;
+      tsy = fma_(t.s, v, tsy);
+      tqy = fma_(t.q, v, tqy);
+      tpen += t.pen;
+      if (out != nullptr) out[i] = relu_(v);
+    }
+  }
+
+  static acc_t total(const Vec& v, acc_t tail) {
+    return at::vec::vec_reduce_all<acc_t>([](const Vec& x, const Vec& y) { return x + y; }, v) +
+           tail;
+  }
+  void store(acc_t* partial) const {
+    partial[0] = total(s, ts);
+    partial[1] = total(sy, tsy);
+    partial[2] = total(qy, tqy);
+    partial[3] = total(pen, tpen);
+  }
+};
+
+// Returns (penalty, sums) and, when relu_out is given, writes relu(y) into it.
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at::Tensor& mu_in,
+                                                bool mean, at::Tensor* relu_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto [A, C, B] = check_inputs(y_in, mu_in);
+  const at::Tensor y = y_in.contiguous();
+  const at::TensorOptions acc_options = y.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor mu = mu_in.to(acc_options).contiguous();
+  const auto coef = forward_coefficients(mu.const_data_ptr<acc_t>(),
+                                         mu.const_data_ptr<acc_t>() + C, C);
+  const scalar_t* yp = y.const_data_ptr<scalar_t>();
+  scalar_t* op = relu_out != nullptr ? relu_out->mutable_data_ptr<scalar_t>() : nullptr;
+
+  // partial: (chunks, kSums, C) for B == 1, (C, chunks, kSums) for B > 1
+  const int64_t numel = A * C * B;
+  const int64_t chunk = rows_per_chunk(A, B == 1 ? C : B);
+  const int64_t chunks = numel > 0 ? ceil_div(A, chunk) : 0;
+  at::Tensor partial = at::empty({chunks * kSums * C}, acc_options);
+  acc_t* pp = partial.mutable_data_ptr<acc_t>();
+
+  if (numel > 0 && B == 1) {
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> ybuf, obuf;
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t a0 = k * chunk, rows = std::min(chunk, A - a0), n = rows * C;
+        const scalar_t* src = yp + a0 * C;
+        scalar_t* dst = op != nullptr ? op + a0 * C : nullptr;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          forward_rows<acc_t>(src, rows, C, coef.data(), dst, pp + k * kSums * C);
+        } else {
+          ybuf.resize(n);
+          at::vec::convert(src, ybuf.data(), n);
+          if (dst != nullptr) obuf.resize(n);
+          forward_rows<acc_t>(ybuf.data(), rows, C, coef.data(),
+                              dst != nullptr ? obuf.data() : nullptr, pp + k * kSums * C);
+          if (dst != nullptr) at::vec::convert(obuf.data(), dst, n);
+        }
+      }
+    });
+  } else if (numel > 0) {
+    at::parallel_for(0, C * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t c = item / chunks, k = item % chunks;
+        const ForwardCoef<acc_t> unit{coef[c], coef[C + c], coef[2 * C + c]};
+        RunSums<acc_t> sums;
+        for (int64_t a = k * chunk; a < std::min(A, (k + 1) * chunk); ++a) {
+          const int64_t offset = (a * C + c) * B;
+          for_each_tile<scalar_t, acc_t>(yp + offset, B, [&](const acc_t* v, int64_t i, int64_t n) {
+            OutTile<scalar_t, acc_t> out{op != nullptr ? op + offset + i : nullptr, n, {}};
+            sums.add(v, n, unit, op != nullptr ? out.data() : nullptr);
+          });
+        }
+        sums.store(pp + item * kSums);
+      }
+    });
+  }
+
+  // Fixed-order reduction of the chunk partials, then the penalty.
+  at::Tensor sums = at::zeros({kSums, C}, acc_options);  // row 3 holds the penalty terms here
+  acc_t* sp = sums.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
+    for (int64_t k = 0; k < chunks; ++k) {
+      for (int j = 0; j < kSums; ++j) {
+        for (int64_t c = c0; c < c1; ++c) {
+          sp[j * C + c] += B == 1 ? pp[(k * kSums + j) * C + c] : pp[(c * chunks + k) * kSums + j];
+        }
+      }
+    }
+  });
+  const acc_t count = static_cast<acc_t>(A * B);
+  acc_t penalty = 0;
+  for (int64_t c = 0; c < C && A * B > 0; ++c) {
+    penalty += mean ? sp[3 * C + c] / count : sp[3 * C + c];
+    sp[3 * C + c] = count;
+  }
+  return {at::scalar_tensor(penalty, acc_options), sums};
+}
+
+// ---- backward --------------------------------------------------------------------------
+
+// The gradient of n elements; kPerUnit: element i is unit i (c0, wa, wb are arrays), else all
+// elements share one unit (c0, wa, wb point to one value each). go: grad of relu(y), or null.
+template <typename acc_t, bool kPerUnit>
+void gradient_run(const acc_t* y, const acc_t* go, acc_t* g, int64_t n, acc_t c1,
+                  const acc_t* c0, const acc_t* wa, const acc_t* wb) {
+  using Vec = Vectorized<acc_t>;
+  auto vec_at = [](const acc_t* p, int64_t i) { return kPerUnit ? Vec::loadu(p + i) : Vec(*p); };
+  auto at_ = [](const acc_t* p, int64_t i) { return kPerUnit ? p[i] : *p; };
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec v = Vec::loadu(y + i);
+    Vec gv = gradient(v, BackwardCoef<Vec>{Vec(c1), vec_at(c0, i), vec_at(wa, i), vec_at(wb, i)});
+    if (go != nullptr) gv += where_positive(v, Vec::loadu(go + i));
+    gv.store(g + i);
+  }
+  for (; i < n; ++i) {
+    acc_t gv = gradient(y[i], BackwardCoef<acc_t>{c1, at_(c0, i), at_(wa, i), at_(wb, i)});
+    if (go != nullptr) gv += where_positive(y[i], go[i]);
+    g[i] = gv;
+  }
+}
+
+template <typename scalar_t>
+at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
+                         const at::Tensor& mu_in, bool mean,
+                         const std::optional<at::Tensor>& grad_out_in) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto [A, C, B] = check_inputs(y_in, mu_in);
+  const at::Tensor y = y_in.contiguous();
+  const at::TensorOptions acc_options = y.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor mu = mu_in.to(acc_options).contiguous();
+  acc_t w = grad_penalty.item<acc_t>();  // a CPU scalar: no device synchronisation
+  if (mean && A * B > 0) w /= static_cast<acc_t>(A * B);
+
+  // (c0, wa, wb) per unit, rows of a (3, C) buffer; c1 = 2 w for all.
+  const auto fwd = forward_coefficients(mu.const_data_ptr<acc_t>(),
+                                        mu.const_data_ptr<acc_t>() + C, C);
+  std::vector<acc_t> coef(3 * C);
+  for (int64_t c = 0; c < C; ++c) {
+    coef[c] = -2 * w * fwd[c];
+    coef[C + c] = w * fwd[C + c];
+    coef[2 * C + c] = w * fwd[2 * C + c];
+  }
+  const acc_t c1 = 2 * w;
+
+  at::Tensor grad_out;
+  if (grad_out_in.has_value()) {
+    TORCH_CHECK(grad_out_in->sizes() == y.sizes(), "shade_ops: grad_out must have y's shape");
+    grad_out = grad_out_in->to(y.scalar_type()).contiguous();
+  }
+  const scalar_t* gop = grad_out.defined() ? grad_out.const_data_ptr<scalar_t>() : nullptr;
+  at::Tensor grad = at::empty({A, C, B}, y.options());
+  const scalar_t* yp = y.const_data_ptr<scalar_t>();
+  scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
+
+  // Rows of length L: a row of units when B == 1, else the run of one unit.
+  const int64_t L = B == 1 ? C : B;
+  const int64_t rows = B == 1 ? A : A * C;
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, L));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t offset = r * L;
+      for_each_tile<scalar_t, acc_t>(yp + offset, L, [&](const acc_t* v, int64_t i, int64_t n) {
+        OutTile<scalar_t, acc_t> g{gp + offset + i, n, {}};
+        const acc_t* go = nullptr;
+        acc_t go_buf[std::is_same_v<scalar_t, acc_t> ? 1 : kTile];
+        if (gop != nullptr) {
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            go = gop + offset + i;
+          } else {
+            at::vec::convert(gop + offset + i, go_buf, n);
+            go = go_buf;
+          }
+        }
+        if (B == 1) {
+          gradient_run<acc_t, true>(v, go, g.data(), n, c1, &coef[i], &coef[C + i],
+                                    &coef[2 * C + i]);
+        } else {
+          const int64_t c = r % C;
+          gradient_run<acc_t, false>(v, go, g.data(), n, c1, &coef[c], &coef[C + c],
+                                     &coef[2 * C + c]);
+        }
+      });
+    }
+  });
+  return grad;
+}
+
+// ---- op entry points -------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> penalty_forward(const at::Tensor& y, const at::Tensor& mu,
+                                                   c10::string_view reduction) {
+  const bool mean = is_mean(reduction);
+  std::tuple<at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "penalty_forward",
+                                  [&] { result = forward_impl<scalar_t>(y, mu, mean, nullptr); });
+  return result;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_penalty_forward(const at::Tensor& y,
+                                                                    const at::Tensor& mu,
+                                                                    c10::string_view reduction) {
+  const bool mean = is_mean(reduction);
+  auto out = at::empty({y.size(0), y.size(1), y.size(2)}, y.options());
+  std::tuple<at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "relu_penalty_forward",
+                                  [&] { result = forward_impl<scalar_t>(y, mu, mean, &out); });
+  return {std::get<0>(result), std::get<1>(result), out};
+}
+
+at::Tensor penalty_backward(const at::Tensor& grad_penalty, const at::Tensor& y,
+                            const at::Tensor& mu, c10::string_view reduction,
+                            const std::optional<at::Tensor>& grad_out) {
+  const bool mean = is_mean(reduction);
+  at::Tensor result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "penalty_backward", [&] {
+    result = backward_impl<scalar_t>(grad_penalty, y, mu, mean, grad_out);
+  });
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(shade_ops, CPU, m) {
+  m.impl("penalty_forward", &penalty_forward);
+  m.impl("relu_penalty_forward", &relu_penalty_forward);
+  m.impl("penalty_backward", &penalty_backward);
+}
+
+}  // namespace shade_ops

@@ -1,0 +1,58 @@
+// The op schemas of shade_ops, declared once for every backend, and the state update.
+//
+// Every op takes the activations as a 3-D view (A, C, B): C units, each with K = A * B samples.
+// shade_ops/_layout.py builds that view once in Python for every backend.
+#include <ATen/ATen.h>
+#include <Python.h>
+#include <torch/library.h>
+
+// An importable module, so that `import shade_ops._C` loads the op registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+namespace shade_ops {
+
+// Algorithm 1 of the paper, with the guards of SPEC section 4, on the device of the state:
+// element-wise ATen ops only, so no value is ever read back to the host.
+void update_state(at::Tensor& p, at::Tensor& mu, const at::Tensor& sums, double decay) {
+  TORCH_CHECK(p.dim() == 2 && p.size(0) == 2, "update_state: p must have shape (2, C)");
+  TORCH_CHECK(mu.sizes() == p.sizes(), "update_state: mu must have the shape of p");
+  TORCH_CHECK(sums.dim() == 2 && sums.size(0) == 4 && sums.size(1) == p.size(1),
+              "update_state: sums must have shape (4, C)");
+  const auto compute = at::promote_types(p.scalar_type(), sums.scalar_type());
+  const auto s = sums.to(compute);
+  const auto old_p = p.to(compute);
+  const auto old_mu = mu.to(compute);
+  const auto count = s[3];
+  const auto b1 = s[0] / count;
+  const auto batch_p = at::stack({1 - b1, b1});             // (b0, b1)
+  const auto batch_m = at::stack({s[2], s[1]}) / count;     // (m0, m1)
+  const auto finite = at::isfinite(batch_p).all(0) & at::isfinite(batch_m).all(0);
+  const auto new_p = decay * old_p + (1 - decay) * batch_p;
+  auto new_mu = decay * old_mu + (1 - decay) * batch_m / new_p;
+  new_mu = at::where(new_p != 0, new_mu, old_mu);
+  p.copy_(at::where(finite, new_p, old_p));
+  mu.copy_(at::where(finite, new_mu, old_mu));
+}
+
+TORCH_LIBRARY(shade_ops, m) {
+  // The penalty of SPEC section 2 and the per-unit batch sums (sum s, sum s*y, sum q*y, K) as a
+  // (4, C) tensor, in one pass over y.
+  m.def("penalty_forward(Tensor y, Tensor mu, str reduction) -> (Tensor, Tensor)");
+  // The same, with relu(y) written in the same pass: the fused ShadeReLU.
+  m.def("relu_penalty_forward(Tensor y, Tensor mu, str reduction) -> (Tensor, Tensor, Tensor)");
+  // d penalty / d y times grad_penalty (SPEC section 3), plus grad_out * (y > 0) when grad_out
+  // is given (the backward of the fused ShadeReLU). Returns a contiguous (A, C, B) tensor.
+  m.def(
+      "penalty_backward(Tensor grad_penalty, Tensor y, Tensor mu, str reduction, "
+      "Tensor? grad_out=None) -> Tensor");
+  m.def("update_state(Tensor(a!) p, Tensor(b!) mu, Tensor sums, float decay) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(shade_ops, CompositeExplicitAutograd, m) {
+  m.impl("update_state", &update_state);
+}
+
+}  // namespace shade_ops

@@ -1,0 +1,69 @@
+"""What every backend shares: the input checks of SPEC section 6 and the (A, C, B) view of SPEC 1."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+REDUCTIONS = ("mean", "sum")
+
+
+def check_inputs(y: torch.Tensor, state: torch.nn.Module, unit_dim: int, reduction: str,
+                 backend: str) -> None:
+    """Raise the exception SPEC section 6 names for bad input; never touches the state."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    if not y.is_floating_point():
+        raise TypeError(f"y must be a floating-point tensor, got dtype {y.dtype}")
+    if isinstance(unit_dim, bool) or not isinstance(unit_dim, int):
+        raise ValueError(f"unit_dim must be an int, got {unit_dim!r}")
+    if not -y.dim() <= unit_dim < y.dim():
+        raise ValueError(f"unit_dim={unit_dim} is out of range for a tensor of {y.dim()} dims "
+                         f"(shape {tuple(y.shape)})")
+    if y.shape[unit_dim] != state.num_units:
+        raise ValueError(f"y has {y.shape[unit_dim]} units along dim {unit_dim} (shape "
+                         f"{tuple(y.shape)}) but the state has {state.num_units}")
+    if y.device != state.mu.device:
+        raise ValueError(f"y is on {y.device} but the state is on {state.mu.device}; move one "
+                         f"of them (shade_ops never copies between devices)")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def units_view(y: torch.Tensor, unit_dim: int) -> torch.Tensor:
+    """``y`` as ``(A, C, B)``: C units, each with A * B samples, without a copy when y is dense.
+
+    The sample dims are ordered as they lie in memory (so channels-last or transposed inputs
+    become a contiguous view), then those before the unit dim merge into A and those after into
+    B. Only permute and reshape are used, so autograd maps the gradient back to y's own layout.
+    """
+    unit_dim = unit_dim % y.dim()
+    order = _memory_order(y)
+    if order != list(range(y.dim())):
+        y = y.permute(order)
+    u = order.index(unit_dim)
+    return y.reshape(math.prod(y.shape[:u]), y.shape[u], math.prod(y.shape[u + 1:]))
+
+
+def from_units_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`units_view`: a contiguous ``(A, C, B)`` tensor back to ``like``'s shape and
+    memory format."""
+    order = _memory_order(like)
+    t = t.reshape([like.shape[d] for d in order])
+    return t if order == list(range(like.dim())) else t.permute(_inverse(order))
+
+
+def _memory_order(y: torch.Tensor) -> list[int]:
+    # Size-1 dims may sit anywhere: view() ignores their strides.
+    strides = y.stride()
+    return sorted(range(y.dim()), key=lambda d: (-strides[d], d))
+
+
+def _inverse(order: list[int]) -> list[int]:
+    inverse = [0] * len(order)
+    for position, d in enumerate(order):
+        inverse[d] = position
+    return inverse

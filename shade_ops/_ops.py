@@ -1,0 +1,167 @@
+"""The registered ops: fake implementations, autograd formulas and the backend table.
+
+The schemas live in ``csrc/shade_ops.cpp`` (``TORCH_LIBRARY(shade_ops, m)``); the CPU kernels in
+``csrc/penalty_cpu.cpp``; the CUDA kernels of the same ops are the Triton launchers of
+``_triton.py``. Every family of ops gets its fake and autograd registrations from
+:func:`register_penalty_ops`, so they are written once.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loads the schemas and the CPU kernels into torch.ops.shade_ops)
+except ImportError as error:  # not built: only the reference is available
+    NATIVE_IMPORT_ERROR: ImportError | None = error
+else:
+    NATIVE_IMPORT_ERROR = None
+
+BUILD_HINT = ("build it from the project root with `make build` "
+              "(or `pip install --no-build-isolation -e .`)")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class PenaltyOps:
+    """One backend's ops, all taking y as a 3-D ``(A, C, B)`` view."""
+
+    forward: Callable        # (y, mu, reduction) -> (penalty, sums)
+    relu_forward: Callable   # (y, mu, reduction) -> (penalty, sums, relu(y))
+    backward: Callable       # (grad_penalty, y, mu, reduction, grad_out) -> grad_y
+    update: Callable         # (p, mu, sums, decay) -> None, in place
+
+
+def register_penalty_ops(forward, relu_forward, backward) -> None:
+    """Fake implementations and autograd formulas for one family of penalty ops."""
+
+    def fake_forward(y, mu, reduction):
+        acc = accumulation_dtype(y.dtype)
+        return y.new_empty((), dtype=acc), y.new_empty((4, y.shape[1]), dtype=acc)
+
+    def fake_relu_forward(y, mu, reduction):
+        return (*fake_forward(y, mu, reduction), y.new_empty(y.shape))
+
+    def fake_backward(grad_penalty, y, mu, reduction, grad_out=None):
+        return y.new_empty(y.shape)
+
+    def setup_context(ctx, inputs, output):
+        y, mu, reduction = inputs
+        ctx.save_for_backward(y, mu)
+        ctx.reduction = reduction
+        ctx.mark_non_differentiable(output[1])
+
+    def backward_penalty(ctx, grad_penalty, grad_sums):
+        y, mu = ctx.saved_tensors
+        return backward(grad_penalty, y, mu, ctx.reduction, None), None, None
+
+    def backward_relu_penalty(ctx, grad_penalty, grad_sums, grad_out):
+        y, mu = ctx.saved_tensors
+        return backward(grad_penalty, y, mu, ctx.reduction, grad_out), None, None
+
+    torch.library.register_fake(forward)(fake_forward)
+    torch.library.register_fake(relu_forward)(fake_relu_forward)
+    torch.library.register_fake(backward)(fake_backward)
+    torch.library.register_autograd(forward, backward_penalty, setup_context=setup_context)
+    torch.library.register_autograd(relu_forward, backward_relu_penalty,
+                                    setup_context=setup_context)
+
+
+if NATIVE_IMPORT_ERROR is None:
+    register_penalty_ops(torch.ops.shade_ops.penalty_forward.default,
+                         torch.ops.shade_ops.relu_penalty_forward.default,
+                         torch.ops.shade_ops.penalty_backward.default)
+    NATIVE_OPS: PenaltyOps | None = PenaltyOps(
+        forward=torch.ops.shade_ops.penalty_forward.default,
+        relu_forward=torch.ops.shade_ops.relu_penalty_forward.default,
+        backward=torch.ops.shade_ops.penalty_backward.default,
+        update=torch.ops.shade_ops.update_state.default,
+    )
+else:
+    NATIVE_OPS = None
+
+
+# ---- backends ---------------------------------------------------------------------------
+
+def _triton_module():
+    """shade_ops._triton, or the reason it cannot be used."""
+    try:
+        from . import _triton
+    except ImportError as error:
+        return None, f"Triton is not installed ({error}); `pip install triton`"
+    return _triton, None
+
+
+def _why_unavailable(name: str, device: torch.device) -> str | None:
+    """None when backend `name` can run on tensors of `device`, else what is missing."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if NATIVE_OPS is None:
+            return f"the compiled extension shade_ops._C did not load ({NATIVE_IMPORT_ERROR}); " \
+                   + BUILD_HINT
+        if device.type != "cpu":
+            return f"backend 'cpu' runs on CPU tensors, and y is on {device}"
+        return None
+    if name == "triton":
+        module, why = _triton_module()
+        if module is None:
+            return why
+        if device.type == "cuda":
+            return None if module.CUDA_OPS is not None else module.CUDA_UNAVAILABLE
+        if device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") == "1":
+                return None
+            return "backend 'triton' runs on CUDA tensors, or on CPU tensors only under " \
+                   "TRITON_INTERPRET=1 (set before Triton is imported)"
+        return f"backend 'triton' cannot run on {device}"
+    if name == "cuda":
+        return "the CUDA C++ kernels are not part of this build; use backend='triton' for " \
+               "CUDA tensors"
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """The backends that can run here, for tensors on ``device`` (any device when None)."""
+    devices = [torch.device(device)] if device is not None else \
+        [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    names = []
+    for name in ("reference", "cpu", "triton", "cuda"):
+        if any(_why_unavailable(name, d) is None for d in devices):
+            names.append(name)
+    return names
+
+
+_warned_fallback = False
+
+
+def resolve_backend(backend: str, device: torch.device) -> PenaltyOps | None:
+    """The ops of ``backend`` for tensors on ``device``; None means the eager reference."""
+    global _warned_fallback
+    if backend == "auto":
+        preferred = "triton" if device.type == "cuda" else "cpu"
+        if _why_unavailable(preferred, device) is None:
+            backend = preferred
+        else:
+            if not _warned_fallback:
+                _warned_fallback = True
+                warnings.warn(f"shade_ops: no fused backend for {device} tensors "
+                              f"({_why_unavailable(preferred, device)}); using the eager "
+                              f"reference, which is much slower", stacklevel=3)
+            return None
+    why = _why_unavailable(backend, device)
+    if why is not None:
+        raise RuntimeError(f"shade_ops backend {backend!r} is not available: {why}")
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        return NATIVE_OPS
+    module, _ = _triton_module()
+    return module.CUDA_OPS if device.type == "cuda" else module.INTERPRETER_OPS
