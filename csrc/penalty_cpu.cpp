@@ -430,24 +430,24 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
 
 // ---- op entry points -------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> penalty_forward(const at::Tensor& y, const at::Tensor& mu,
-                                                   c10::string_view reduction) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> penalty_forward(const at::Tensor& y,
+                                                               const at::Tensor& mu,
+                                                               c10::string_view reduction) {
   const bool mean = is_mean(reduction);
   std::tuple<at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "penalty_forward",
                                   [&] { result = forward_impl<scalar_t>(y, mu, mean, nullptr); });
-  return result;
+  return {std::get<0>(result), std::get<1>(result), mu.clone()};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_penalty_forward(const at::Tensor& y,
-                                                                    const at::Tensor& mu,
-                                                                    c10::string_view reduction) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> relu_penalty_forward(
+    const at::Tensor& y, const at::Tensor& mu, c10::string_view reduction) {
   const bool mean = is_mean(reduction);
   auto out = at::empty({y.size(0), y.size(1), y.size(2)}, y.options());
   std::tuple<at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "relu_penalty_forward",
                                   [&] { result = forward_impl<scalar_t>(y, mu, mean, &out); });
-  return {std::get<0>(result), std::get<1>(result), out};
+  return {std::get<0>(result), std::get<1>(result), out, mu.clone()};
 }
 
 at::Tensor penalty_backward(const at::Tensor& grad_penalty, const at::Tensor& y,

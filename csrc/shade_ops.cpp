@@ -38,11 +38,15 @@ void update_state(at::Tensor& p, at::Tensor& mu, const at::Tensor& sums, double 
 }
 
 TORCH_LIBRARY(shade_ops, m) {
-  // The penalty of SPEC section 2 and the per-unit batch sums (sum s, sum s*y, sum q*y, K) as a
-  // (4, C) tensor, in one pass over y.
-  m.def("penalty_forward(Tensor y, Tensor mu, str reduction) -> (Tensor, Tensor)");
+  // The penalty of SPEC section 2, the per-unit batch sums (sum s, sum s*y, sum q*y, K) as a
+  // (4, C) tensor, in one pass over y, and a copy of mu: autograd saves that copy for the
+  // backward, because the state update that follows writes into mu itself (under torch.compile a
+  // saved graph input would see that write).
+  m.def("penalty_forward(Tensor y, Tensor mu, str reduction) -> (Tensor, Tensor, Tensor)");
   // The same, with relu(y) written in the same pass: the fused ShadeReLU.
-  m.def("relu_penalty_forward(Tensor y, Tensor mu, str reduction) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "relu_penalty_forward(Tensor y, Tensor mu, str reduction) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // d penalty / d y times grad_penalty (SPEC section 3), plus grad_out * (y > 0) when grad_out
   // is given (the backward of the fused ShadeReLU). Returns a contiguous (A, C, B) tensor.
   m.def(

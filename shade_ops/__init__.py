@@ -3,11 +3,18 @@ Deep Learning") as fused, registered PyTorch ops.
 
     state = shade_ops.ShadeState(num_units)
     loss = criterion(logits, target) + beta * shade_ops.penalty(activations, state)
+
+or, on a whole model:
+
+    model = shade_ops.convert(model)            # every nn.ReLU becomes a ShadeReLU
+    loss = criterion(model(x), target) + beta * shade_ops.collect(model)
 """
 from . import reference
 from ._ops import available_backends
 from .functional import penalty, relu_penalty
+from .modules import ShadePenalty, ShadeReLU, attach, collect, convert
 from .state import ShadeState
 
-__all__ = ["ShadeState", "available_backends", "penalty", "reference", "relu_penalty"]
+__all__ = ["ShadePenalty", "ShadeReLU", "ShadeState", "attach", "available_backends", "collect",
+           "convert", "penalty", "reference", "relu_penalty"]
 __version__ = "0.1.0"

@@ -33,8 +33,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 class PenaltyOps:
     """One backend's ops, all taking y as a 3-D ``(A, C, B)`` view."""
 
-    forward: Callable        # (y, mu, reduction) -> (penalty, sums)
-    relu_forward: Callable   # (y, mu, reduction) -> (penalty, sums, relu(y))
+    forward: Callable        # (y, mu, reduction) -> (penalty, sums, copy of mu)
+    relu_forward: Callable   # (y, mu, reduction) -> (penalty, sums, relu(y), copy of mu)
     backward: Callable       # (grad_penalty, y, mu, reduction, grad_out) -> grad_y
     update: Callable         # (p, mu, sums, decay) -> None, in place
 
@@ -44,25 +44,28 @@ def register_penalty_ops(forward, relu_forward, backward) -> None:
 
     def fake_forward(y, mu, reduction):
         acc = accumulation_dtype(y.dtype)
-        return y.new_empty((), dtype=acc), y.new_empty((4, y.shape[1]), dtype=acc)
+        return (y.new_empty((), dtype=acc), y.new_empty((4, y.shape[1]), dtype=acc),
+                torch.empty_like(mu, memory_format=torch.contiguous_format))
 
     def fake_relu_forward(y, mu, reduction):
-        return (*fake_forward(y, mu, reduction), y.new_empty(y.shape))
+        value, sums, mu_copy = fake_forward(y, mu, reduction)
+        return value, sums, y.new_empty(y.shape), mu_copy
 
     def fake_backward(grad_penalty, y, mu, reduction, grad_out=None):
         return y.new_empty(y.shape)
 
     def setup_context(ctx, inputs, output):
-        y, mu, reduction = inputs
-        ctx.save_for_backward(y, mu)
+        y, _, reduction = inputs
+        mu_copy = output[-1]  # not mu: the update that follows writes into mu
+        ctx.save_for_backward(y, mu_copy)
         ctx.reduction = reduction
-        ctx.mark_non_differentiable(output[1])
+        ctx.mark_non_differentiable(output[1], mu_copy)
 
-    def backward_penalty(ctx, grad_penalty, grad_sums):
+    def backward_penalty(ctx, grad_penalty, grad_sums, grad_mu_copy):
         y, mu = ctx.saved_tensors
         return backward(grad_penalty, y, mu, ctx.reduction, None), None, None
 
-    def backward_relu_penalty(ctx, grad_penalty, grad_sums, grad_out):
+    def backward_relu_penalty(ctx, grad_penalty, grad_sums, grad_out, grad_mu_copy):
         y, mu = ctx.saved_tensors
         return backward(grad_penalty, y, mu, ctx.reduction, grad_out), None, None
 
@@ -74,17 +77,30 @@ def register_penalty_ops(forward, relu_forward, backward) -> None:
                                     setup_context=setup_context)
 
 
+def _update_state_eager(p: torch.Tensor, mu: torch.Tensor, sums: torch.Tensor,
+                        decay: float) -> None:
+    """update_state for a build without shade_ops._C (used by the Triton interpreter ops)."""
+    from .reference import updated_state
+
+    new_p, new_mu = updated_state(p, mu, sums, decay)
+    with torch.no_grad():
+        p.copy_(new_p)
+        mu.copy_(new_mu)
+
+
 if NATIVE_IMPORT_ERROR is None:
     register_penalty_ops(torch.ops.shade_ops.penalty_forward.default,
                          torch.ops.shade_ops.relu_penalty_forward.default,
                          torch.ops.shade_ops.penalty_backward.default)
+    UPDATE_STATE: Callable = torch.ops.shade_ops.update_state.default
     NATIVE_OPS: PenaltyOps | None = PenaltyOps(
         forward=torch.ops.shade_ops.penalty_forward.default,
         relu_forward=torch.ops.shade_ops.relu_penalty_forward.default,
         backward=torch.ops.shade_ops.penalty_backward.default,
-        update=torch.ops.shade_ops.update_state.default,
+        update=UPDATE_STATE,
     )
 else:
+    UPDATE_STATE = _update_state_eager
     NATIVE_OPS = None
 
 

@@ -11,12 +11,6 @@ from .state import ShadeState
 __all__ = ["penalty", "relu_penalty"]
 
 
-def _state_before_update(y: torch.Tensor, state: ShadeState) -> torch.Tensor:
-    # Autograd keeps mu for the backward; the update then writes into the buffer, so give
-    # autograd its own copy of the (2, C) values this batch was measured against.
-    return state.mu.clone() if y.requires_grad and torch.is_grad_enabled() else state.mu
-
-
 def _update(ops: PenaltyOps, state: ShadeState, sums: torch.Tensor, update: bool | None) -> None:
     if state.should_update(update):
         ops.update(state.p, state.mu, state.reduce_batch_sums(sums), state.decay)
@@ -50,7 +44,7 @@ def penalty(y: torch.Tensor, state: ShadeState, *, unit_dim: int = 1, reduction:
     if ops is None:
         return reference.penalty(y, state, unit_dim=unit_dim, reduction=reduction,
                                  update=update, backend=backend)
-    value, sums = ops.forward(units_view(y, unit_dim), _state_before_update(y, state), reduction)
+    value, sums, _ = ops.forward(units_view(y, unit_dim), state.mu, reduction)
     _update(ops, state, sums, update)
     return value
 
@@ -68,7 +62,6 @@ def relu_penalty(y: torch.Tensor, state: ShadeState, *, unit_dim: int = 1,
     if ops is None:
         return reference.relu_penalty(y, state, unit_dim=unit_dim, reduction=reduction,
                                       update=update, backend=backend)
-    value, sums, out = ops.relu_forward(units_view(y, unit_dim), _state_before_update(y, state),
-                                        reduction)
+    value, sums, out, _ = ops.relu_forward(units_view(y, unit_dim), state.mu, reduction)
     _update(ops, state, sums, update)
     return from_units_view(out, y), value

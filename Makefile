@@ -1,0 +1,50 @@
+# Two commands do everything on a fresh Linux machine with Python 3.11 and no GPU:
+#   make demo   set up, build, train a small network with SHADE and run the quick reproduction
+#   make test   set up, build, run the whole test suite (what .ci/run calls)
+#
+# The set-up pins the CPU build of torch (TORCH_SPEC); the package itself asks for a range, so on a
+# GPU machine `pip install --no-build-isolation .` keeps the CUDA torch that is there.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup build test test-fast demo bench gpu-check clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" ninja numpy "setuptools>=64" wheel
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench,experiments]"
+	touch $(STAMP)
+
+# (Re)build shade_ops._C in place: ninja only recompiles what changed.
+build: $(STAMP)
+	$(PY) setup.py --quiet build_ext --inplace
+
+test: build
+	TRITON_INTERPRET=1 $(PY) -m pytest tests
+
+# The suite without the two >2**31-element tests (each allocates several GB).
+test-fast: build
+	TRITON_INTERPRET=1 $(PY) -m pytest tests -m "not slow"
+
+demo: build
+	$(PY) -m shade_ops demo
+	$(PY) -m shade_ops reproduce --quick
+
+# Speed on this machine: pytest-benchmark runs side by side, then the tables the README quotes.
+bench: build
+	mkdir -p benchmarks/results
+	$(PY) -m pytest benchmarks -p no:cacheprovider --benchmark-json=benchmarks/results/cpu.json
+	$(PY) benchmarks/report.py benchmarks/results/cpu.json
+
+# On a CUDA machine with torch and Triton already installed (no network needed).
+gpu-check:
+	python benchmarks/gpu_check.py
+
+clean:
+	rm -rf build shade_ops/*.so $(VENV) .pytest_cache .benchmarks

@@ -1,0 +1,54 @@
+"""Shared test helpers: the backends to test, a per-dtype tolerance table, and comparisons that say
+where and by how much two results differ."""
+from __future__ import annotations
+
+import os
+
+# The Triton backend runs on CPU tensors only through its interpreter, which must be chosen before
+# Triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import shade_ops  # noqa: E402
+
+# Fused backends that run on CPU tensors here ("cpu" needs the built extension; "triton" needs
+# Triton and the interpreter).
+FUSED_BACKENDS = [b for b in shade_ops.available_backends("cpu") if b != "reference"]
+# The interpreter costs 0.05-2 s a launch: Triton gets the small shapes only.
+SLOW_BACKENDS = {"triton"}
+
+# (rtol, atol relative to the largest magnitude of the expected tensor) per input dtype. The
+# penalty and state are accumulated in float32 (float64) from the same upcast values, so they
+# are tight; the gradient is rounded to the input's dtype.
+TOLERANCES = {
+    torch.float64: {"penalty": (1e-10, 1e-12), "grad": (1e-10, 1e-12), "state": (1e-10, 1e-12)},
+    torch.float32: {"penalty": (2e-5, 1e-6), "grad": (2e-5, 1e-6), "state": (2e-5, 1e-6)},
+    torch.bfloat16: {"penalty": (2e-5, 1e-6), "grad": (1.6e-2, 8e-3), "state": (2e-5, 1e-6)},
+    torch.float16: {"penalty": (2e-5, 1e-6), "grad": (2e-3, 1e-3), "state": (2e-5, 1e-6)},
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, kind: str,
+                 what: str = "") -> None:
+    """assert_close with the tolerance table; the failure message names the worst element."""
+    rtol, atol = TOLERANCES[dtype][kind]
+    scale = expected.detach().abs().nan_to_num(0, 0, 0).max().item() if expected.numel() else 0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * max(scale, 1.0),
+                               equal_nan=True, msg=lambda m: f"{what} ({kind}, {dtype}): {m}")
+
+
+def random_activations(shape, dtype=torch.float32, seed=0, scale=2.0,
+                       zeros=0.05) -> torch.Tensor:
+    """Activations with both signs, a fraction of exact zeros (where relu'(0) = 0 must hold) and
+    a spread like pre-activations."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(shape, generator=g, dtype=torch.float64) * scale + 0.3
+    y[torch.rand(shape, generator=g) < zeros] = 0.0
+    return y.to(dtype)
+
+
+@pytest.fixture(params=FUSED_BACKENDS)
+def backend(request) -> str:
+    return request.param

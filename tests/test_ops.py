@@ -1,0 +1,322 @@
+"""The registered ops (opcheck, torch.compile), the state's rules (guards, modes, checkpoints),
+bad input, reproducibility and the fallback without the extension."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import shade_ops
+from shade_ops import ShadeState, _ops, reference
+
+from conftest import FUSED_BACKENDS, assert_close, random_activations
+
+native = pytest.mark.skipif(_ops.NATIVE_OPS is None, reason="shade_ops._C is not built")
+
+
+def snapshot(state: ShadeState) -> dict:
+    return {k: v.clone() for k, v in state.state_dict().items()}
+
+
+def assert_same_state(state: ShadeState, before: dict) -> None:
+    for key, value in state.state_dict().items():
+        assert torch.equal(value, before[key]), f"state {key} changed"
+
+
+# ---- opcheck ----------------------------------------------------------------------------
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(6, 5, 7), (9, 4, 1)])
+def test_opcheck_penalty_ops(shape, dtype):
+    y = random_activations(shape, dtype, seed=1).requires_grad_()
+    mu = ShadeState(shape[1]).mu.clone()
+    ops = torch.ops.shade_ops
+    for reduction in ("mean", "sum"):
+        torch.library.opcheck(ops.penalty_forward.default, (y, mu, reduction))
+        torch.library.opcheck(ops.relu_penalty_forward.default, (y, mu, reduction))
+        grad_penalty = torch.tensor(0.7, dtype=torch.float64 if dtype == torch.float64
+                                    else torch.float32)
+        torch.library.opcheck(ops.penalty_backward.default,
+                              (grad_penalty, y.detach(), mu, reduction, None))
+        torch.library.opcheck(ops.penalty_backward.default,
+                              (grad_penalty, y.detach(), mu, reduction, torch.randn_like(y)))
+
+
+@native
+def test_opcheck_update_state():
+    sums = torch.tensor([[3.0, 1.0], [2.0, -1.0], [-4.0, -6.0], [5.0, 5.0]])
+    state = ShadeState(2)
+    torch.library.opcheck(torch.ops.shade_ops.update_state.default,
+                          (state.p.clone(), state.mu.clone(), sums, 0.8))
+
+
+# ---- torch.compile ----------------------------------------------------------------------
+
+def test_compile_fullgraph_matches_eager(backend):
+    """Two training steps: the state updated by step 1 is what step 2's backward must use."""
+    torch._dynamo.reset()
+
+    def step(y, state):
+        return shade_ops.penalty(y, state, backend=backend) * 3.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor" if backend == "cpu"
+                             else "aot_eager")
+    eager_state, compiled_state = ShadeState(5), ShadeState(5)
+    for i in range(3):
+        y_eager = random_activations((7, 5, 3), seed=i).requires_grad_()
+        y_compiled = y_eager.detach().clone().requires_grad_()
+        value_eager = step(y_eager, eager_state)
+        value_compiled = compiled(y_compiled, compiled_state)
+        assert_close(value_compiled, value_eager, torch.float32, "penalty", f"step {i}")
+        value_eager.backward()
+        value_compiled.backward()
+        assert_close(y_compiled.grad, y_eager.grad, torch.float32, "grad", f"step {i}")
+        assert_close(compiled_state.mu, eager_state.mu, torch.float32, "state", f"step {i}")
+        assert_close(compiled_state.p, eager_state.p, torch.float32, "state", f"step {i}")
+    assert not torch.equal(compiled_state.mu, ShadeState(5).mu), "the state was never updated"
+
+
+# ---- bad input --------------------------------------------------------------------------
+
+BAD_INPUTS = [
+    (lambda: torch.ones(4, 3, dtype=torch.int64), {}, TypeError, "floating-point"),
+    (lambda: torch.ones(4, 3, dtype=torch.bool), {}, TypeError, "floating-point"),
+    (lambda: torch.ones(4, 3, dtype=torch.complex64), {}, TypeError, "floating-point"),
+    (lambda: [[1.0, 2.0, 3.0]], {}, TypeError, "torch.Tensor"),
+    (lambda: torch.ones(4, 5), {}, ValueError, "5 units"),
+    (lambda: torch.ones(4, 3), {"unit_dim": 2}, ValueError, "out of range"),
+    (lambda: torch.ones(4, 3), {"unit_dim": -3}, ValueError, "out of range"),
+    (lambda: torch.ones(()), {"unit_dim": 0}, ValueError, "out of range"),
+    (lambda: torch.ones(4, 3), {"reduction": "max"}, ValueError, "reduction"),
+    (lambda: torch.ones(4, 3), {"backend": "fast"}, ValueError, "backend"),
+    (lambda: torch.ones(3, 4), {"unit_dim": 0.5}, ValueError, "unit_dim"),
+]
+
+
+@pytest.mark.parametrize("call", [shade_ops.penalty, shade_ops.relu_penalty, reference.penalty])
+@pytest.mark.parametrize("make_y, kwargs, error, message", BAD_INPUTS)
+def test_bad_input_raises_and_keeps_state(call, make_y, kwargs, error, message):
+    state = ShadeState(3)
+    before = snapshot(state)
+    with pytest.raises(error, match=message):
+        call(make_y(), state, **kwargs)
+    assert_same_state(state, before)
+
+
+def test_state_on_another_device_raises():
+    state = ShadeState(3, device="meta")
+    with pytest.raises(ValueError, match="meta"):
+        shade_ops.penalty(torch.ones(4, 3), state)
+
+
+@pytest.mark.parametrize("decay", [-0.1, 1.0, 1.5, float("nan")])
+def test_bad_decay_raises(decay):
+    with pytest.raises(ValueError, match="decay"):
+        ShadeState(3, decay=decay)
+
+
+@pytest.mark.parametrize("num_units", [0, -2, 2.5, True])
+def test_bad_num_units_raises(num_units):
+    with pytest.raises(ValueError, match="num_units"):
+        ShadeState(num_units)
+
+
+def test_unavailable_backend_names_what_is_missing():
+    with pytest.raises(RuntimeError, match="CUDA C"):
+        shade_ops.penalty(torch.ones(4, 3), ShadeState(3), backend="cuda")
+
+
+# ---- the state's rules ------------------------------------------------------------------
+
+@pytest.mark.parametrize("call_backend", ["reference", *FUSED_BACKENDS])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_unit_keeps_its_state(call_backend, bad):
+    y = random_activations((6, 4, 5), seed=2)
+    y[3, 2, 1] = bad
+    state = ShadeState(4)
+    before = snapshot(state)
+    value = shade_ops.penalty(y, state, backend=call_backend)
+    assert not torch.isfinite(value)  # NaN/Inf reaches the loss, as in any loss
+    assert torch.equal(state.p[:, 2], before["p"][:, 2])
+    assert torch.equal(state.mu[:, 2], before["mu"][:, 2])
+    for unit in (0, 1, 3):
+        assert not torch.equal(state.mu[:, unit], before["mu"][:, unit])
+    expected = ShadeState(4)
+    reference.penalty(y, expected)
+    assert_close(state.mu, expected.mu, torch.float32, "state")
+
+
+@pytest.mark.parametrize("call_backend", ["reference", *FUSED_BACKENDS])
+@pytest.mark.parametrize("shape", [(0, 3, 4), (5, 3, 0), (0, 3)])
+def test_empty_batch_costs_nothing_and_keeps_state(call_backend, shape):
+    y = torch.empty(shape, requires_grad=True)
+    state = ShadeState(3)
+    before = snapshot(state)
+    value = shade_ops.penalty(y, state, backend=call_backend)
+    assert value.item() == 0.0
+    assert_same_state(state, before)
+    (grad,) = torch.autograd.grad(value, y)
+    assert grad.shape == y.shape
+
+
+def test_zero_probability_keeps_mu():
+    """decay 0 and no positive sample: p1 becomes 0 and mu1 keeps its value."""
+    state = ShadeState(2, decay=0.0)
+    shade_ops.penalty(-torch.rand(8, 2) - 0.1, state)
+    assert torch.equal(state.p[1], torch.zeros(2))
+    assert torch.equal(state.mu[1], torch.ones(2))
+    assert torch.all(state.mu[0] < 0)
+
+
+def test_eval_mode_and_update_override(backend):
+    y = random_activations((8, 3, 2), seed=4)
+    state = ShadeState(3).eval()
+    before = snapshot(state)
+    shade_ops.penalty(y, state, backend=backend)
+    assert_same_state(state, before)  # eval: no update, as BatchNorm's running stats
+    shade_ops.penalty(y, state, backend=backend, update=True)
+    assert not torch.equal(state.mu, before["mu"])
+    state.train()
+    before = snapshot(state)
+    shade_ops.penalty(y, state, backend=backend, update=False)
+    assert_same_state(state, before)
+
+
+def test_penalty_uses_state_before_update(backend):
+    y = random_activations((8, 3, 2), seed=5)
+    state, frozen = ShadeState(3), ShadeState(3)
+    value = shade_ops.penalty(y, state, backend=backend)
+    assert torch.equal(value, shade_ops.penalty(y, frozen, backend=backend, update=False))
+
+
+def test_no_gradient_flows_into_the_state(backend):
+    y = random_activations((8, 3, 2), seed=6).requires_grad_()
+    state = ShadeState(3)
+    shade_ops.penalty(y, state, backend=backend).backward()
+    assert not state.mu.requires_grad and state.mu.grad is None
+
+
+def test_state_dict_round_trip(backend):
+    state = ShadeState(4, decay=0.7)
+    for i in range(3):
+        shade_ops.penalty(random_activations((5, 4, 3), seed=i), state, backend=backend)
+    restored = ShadeState(4, decay=0.7)
+    restored.load_state_dict(state.state_dict())
+    assert_same_state(restored, snapshot(state))
+    y = random_activations((5, 4, 3), seed=9)
+    assert torch.equal(shade_ops.penalty(y, state, backend=backend),
+                       shade_ops.penalty(y, restored, backend=backend))
+    assert_same_state(restored, snapshot(state))
+    assert set(state.state_dict()) == {"p", "mu"}
+
+
+def test_initial_state_is_algorithm_1():
+    state = ShadeState(3)
+    assert torch.equal(state.p, torch.full((2, 3), 0.5))
+    assert torch.equal(state.mu, torch.tensor([[-1.0] * 3, [1.0] * 3]))
+    assert state.decay == 0.8 and state.p.dtype == torch.float32
+
+
+def test_update_is_algorithm_1_by_hand():
+    """One update of one unit, worked out from SPEC section 4 with plain floats."""
+    import math
+
+    values = [-1.0, 0.5, 2.0]
+    q = [math.exp(-max(v, 0.0)) for v in values]
+    s = [1 - x for x in q]
+    b1, m1 = sum(s) / 3, sum(a * v for a, v in zip(s, values)) / 3
+    m0 = sum(a * v for a, v in zip(q, values)) / 3
+    p1 = 0.8 * 0.5 + 0.2 * b1
+    p0 = 0.8 * 0.5 + 0.2 * (1 - b1)
+    expected_mu = [0.8 * -1 + 0.2 * m0 / p0, 0.8 * 1 + 0.2 * m1 / p1]
+    for call_backend in ["reference", *FUSED_BACKENDS]:
+        state = ShadeState(1, dtype=torch.float64)
+        shade_ops.penalty(torch.tensor(values, dtype=torch.float64).view(3, 1), state,
+                          backend=call_backend)
+        torch.testing.assert_close(state.p[:, 0].tolist(), [p0, p1])
+        torch.testing.assert_close(state.mu[:, 0].tolist(), expected_mu)
+
+
+# ---- reproducibility --------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(64, 24, 300), (700, 40), (16, 8, 12, 12)])
+def test_two_runs_bitwise_equal(backend, shape):
+    if backend != "cpu" and shape[0] > 16:
+        pytest.skip("large shapes on the native backend only")
+    results = []
+    for _ in range(2):
+        state = ShadeState(shape[1])
+        y = random_activations(shape, seed=11).requires_grad_()
+        value = shade_ops.penalty(y, state, backend=backend)
+        (grad,) = torch.autograd.grad(value, y)
+        results.append((value, grad, state.p.clone(), state.mu.clone()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@native
+@pytest.mark.parametrize("shape", [(64, 24, 300), (700, 40)])
+def test_same_bits_whatever_the_thread_count(shape):
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            state = ShadeState(shape[1])
+            value = shade_ops.penalty(random_activations(shape, seed=12), state, backend="cpu")
+            results.append((value, state.mu.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+# ---- without the extension --------------------------------------------------------------
+
+def test_without_extension_auto_warns_once_and_cpu_says_how_to_build(monkeypatch):
+    monkeypatch.setattr(_ops, "NATIVE_OPS", None)
+    monkeypatch.setattr(_ops, "NATIVE_IMPORT_ERROR", ImportError("no _C"))
+    monkeypatch.setattr(_ops, "_warned_fallback", False)
+    y = random_activations((5, 3), seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = shade_ops.penalty(y, ShadeState(3))
+        shade_ops.penalty(y, ShadeState(3))
+    assert len([w for w in caught if "eager reference" in str(w.message)]) == 1
+    assert torch.equal(value, reference.penalty(y, ShadeState(3)))
+    with pytest.raises(RuntimeError, match="make build"):
+        shade_ops.penalty(y, ShadeState(3), backend="cpu")
+    assert "cpu" not in shade_ops.available_backends("cpu")
+
+
+def test_available_backends():
+    names = shade_ops.available_backends()
+    assert names[0] == "reference"
+    assert ("cpu" in names) == (_ops.NATIVE_OPS is not None)
+
+
+# ---- 64-bit offsets ---------------------------------------------------------------------
+
+@native
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(1, 1, 2**31 + 11), (2**30 + 5, 2, 1)])
+def test_more_than_2_31_elements(shape):
+    """bfloat16 zeros but for the last element: every sum is known in closed form, and only
+    64-bit offsets reach that element. (On a GPU the same size runs in the CUDA tests.)"""
+    y = torch.zeros(shape, dtype=torch.bfloat16)
+    y.view(-1)[-1] = 2.0
+    unit = (y.numel() - 1) % shape[1]
+    mu = ShadeState(shape[1]).mu
+    value, sums, _ = torch.ops.shade_ops.penalty_forward(y, mu, "sum")
+    q = torch.exp(torch.tensor(-2.0)).item()
+    count = y.numel() // shape[1]
+    assert sums[3, unit].item() == torch.tensor(float(count)).item()  # K as a float32
+    torch.testing.assert_close(sums[0, unit].item(), 1 - q)
+    torch.testing.assert_close(sums[1, unit].item(), 2 * (1 - q))
+    torch.testing.assert_close(sums[2, unit].item(), 2 * q)
+    grad = torch.ops.shade_ops.penalty_backward(torch.tensor(1.0), y, mu, "sum", None)
+    # y = 2, mu0 = -1, mu1 = 1: ds ((y-mu1)^2 - (y-mu0)^2) + 2 (s (y-mu1) + q (y-mu0))
+    expected = q * (1 - 9) + 2 * ((1 - q) * 1 + q * 3)
+    torch.testing.assert_close(grad.view(-1)[-1].float().item(), expected, rtol=1e-2, atol=1e-2)
+    del grad
