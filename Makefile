@@ -26,15 +26,17 @@ build: $(STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
 
 test: build
-	TRITON_INTERPRET=1 $(PY) -m pytest tests
+	$(PY) -m pytest tests
 
 # The suite without the two >2**31-element tests (each allocates several GB).
 test-fast: build
-	TRITON_INTERPRET=1 $(PY) -m pytest tests -m "not slow"
+	$(PY) -m pytest tests -m "not slow"
 
 demo: build
 	$(PY) -m shade_ops demo
 	$(PY) -m shade_ops reproduce --quick
+
+# tests/conftest.py runs Triton through its interpreter where there is no GPU.
 
 # Speed on this machine: pytest-benchmark runs side by side, then the tables the README quotes.
 bench: build

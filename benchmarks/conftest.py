@@ -2,12 +2,8 @@
 pedantic mode so that the backward is timed without its forward."""
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 def run_phase(benchmark, phase: str, forward, upstream, rounds: int = 30) -> None:

@@ -58,7 +58,7 @@ inline T where_positive(T y, T v) {
 }
 template <typename T>
 inline Vectorized<T> where_positive(const Vectorized<T>& y, const Vectorized<T>& v) {
-  return Vectorized<T>::blendv(Vectorized<T>(T(0)), v, y > Vectorized<T>(T(0)));
+  return v & (y > Vectorized<T>(T(0)));  // the comparison gives all-ones lanes
 }
 template <typename T>
 inline T fma_(T a, T b, T c) {
@@ -437,7 +437,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> penalty_forward(const at::Tensor&
   std::tuple<at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "penalty_forward",
                                   [&] { result = forward_impl<scalar_t>(y, mu, mean, nullptr); });
-  return {std::get<0>(result), std::get<1>(result), mu.clone()};
+  return {std::get<0>(result), std::get<1>(result), mu.clone(at::MemoryFormat::Contiguous)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> relu_penalty_forward(
@@ -447,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> relu_penalty_forward(
   std::tuple<at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "relu_penalty_forward",
                                   [&] { result = forward_impl<scalar_t>(y, mu, mean, &out); });
-  return {std::get<0>(result), std::get<1>(result), out, mu.clone()};
+  return {std::get<0>(result), std::get<1>(result), out, mu.clone(at::MemoryFormat::Contiguous)};
 }
 
 at::Tensor penalty_backward(const at::Tensor& grad_penalty, const at::Tensor& y,

@@ -35,7 +35,7 @@ inline at::vec::Vectorized<float> exp_nonpositive(const at::vec::Vectorized<floa
   const __m256i exponent = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   const __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
-  return _mm256_blendv_ps(result, _mm256_setzero_ps(), _mm256_cmp_ps(x, lowest, _CMP_LT_OQ));
+  return _mm256_and_ps(result, _mm256_cmp_ps(x, lowest, _CMP_GE_OQ));  // below: 0
 }
 #endif
 

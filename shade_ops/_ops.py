@@ -77,30 +77,17 @@ def register_penalty_ops(forward, relu_forward, backward) -> None:
                                     setup_context=setup_context)
 
 
-def _update_state_eager(p: torch.Tensor, mu: torch.Tensor, sums: torch.Tensor,
-                        decay: float) -> None:
-    """update_state for a build without shade_ops._C (used by the Triton interpreter ops)."""
-    from .reference import updated_state
-
-    new_p, new_mu = updated_state(p, mu, sums, decay)
-    with torch.no_grad():
-        p.copy_(new_p)
-        mu.copy_(new_mu)
-
-
 if NATIVE_IMPORT_ERROR is None:
     register_penalty_ops(torch.ops.shade_ops.penalty_forward.default,
                          torch.ops.shade_ops.relu_penalty_forward.default,
                          torch.ops.shade_ops.penalty_backward.default)
-    UPDATE_STATE: Callable = torch.ops.shade_ops.update_state.default
     NATIVE_OPS: PenaltyOps | None = PenaltyOps(
         forward=torch.ops.shade_ops.penalty_forward.default,
         relu_forward=torch.ops.shade_ops.relu_penalty_forward.default,
         backward=torch.ops.shade_ops.penalty_backward.default,
-        update=UPDATE_STATE,
+        update=torch.ops.shade_ops.update_state.default,
     )
 else:
-    UPDATE_STATE = _update_state_eager
     NATIVE_OPS = None
 
 
@@ -133,7 +120,7 @@ def _why_unavailable(name: str, device: torch.device) -> str | None:
         if device.type == "cuda":
             return None if module.CUDA_OPS is not None else module.CUDA_UNAVAILABLE
         if device.type == "cpu":
-            if os.environ.get("TRITON_INTERPRET") == "1":
+            if os.environ.get("TRITON_INTERPRET") == "1" and module.INTERPRETER_OPS is not None:
                 return None
             return "backend 'triton' runs on CUDA tensors, or on CPU tensors only under " \
                    "TRITON_INTERPRET=1 (set before Triton is imported)"
@@ -181,3 +168,9 @@ def resolve_backend(backend: str, device: torch.device) -> PenaltyOps | None:
         return NATIVE_OPS
     module, _ = _triton_module()
     return module.CUDA_OPS if device.type == "cuda" else module.INTERPRETER_OPS
+
+
+# The Triton launchers are the CUDA kernels of the ops above: register them now, so that calling
+# torch.ops.shade_ops.* directly, or loading an exported program, finds them.
+if NATIVE_OPS is not None and torch.cuda.is_available():
+    _triton_module()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 
-# The Triton backend runs on CPU tensors only through its interpreter, which must be chosen before
-# Triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU the Triton backend runs on CPU tensors through its interpreter, which must be
+# chosen before Triton is imported (shade_ops imports it lazily).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import shade_ops  # noqa: E402
 

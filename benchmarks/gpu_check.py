@@ -1,0 +1,730 @@
+"""The one-call GPU check (`make gpu-check`): install, the CUDA tests, and the speed of the Triton
+kernels against the eager reference and torch.compile of it, in under 8 minutes.
+
+    python benchmarks/gpu_check.py                 # CUDA machine with torch and Triton, no network
+    python benchmarks/gpu_check.py --dry-run       # CPU smoke test: tiny shapes, the interpreter
+    python benchmarks/gpu_check.py --compile-only  # CPU: compile the kernels for a GPU with ptxas
+
+On the GPU it (1) runs `pip install --no-deps --no-build-isolation -e .` from the repository root,
+(2) runs `pytest tests/test_triton.py -k cuda` with the compiled kernels, (3) measures the
+device-to-device copy bandwidth, then times forward, backward and forward+backward of the penalty
+(training mode: the state update included) for Triton, the eager reference and torch.compile of the
+reference, float32 and bfloat16, at the benchmark shapes: `triton.testing.do_bench` medians of the
+Python call (what a caller sees) and of a CUDA-graph replay of it (device time alone), (4) with the
+time left, tries other tile sizes and program counts of the Triton kernels, and (5) runs the other
+tests that name cuda. Each step is cut to fit the budget. Achieved bandwidth counts the bytes that
+must move: the forward reads y; the backward reads y and writes the gradient.
+
+Results: gpu_check.json and gpu_check_<date>_<device>.md under $OUT when OUT is set, and the
+markdown under benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SHAPES = [(256, 64, 56, 56), (256, 256, 14, 14), (8192, 4096)]
+DRY_RUN_SHAPES = [(3, 5, 4, 6), (37, 9)]
+DTYPES = ["float32", "bfloat16"]
+IMPLEMENTATIONS = ["triton", "eager", "compile"]
+PHASES = ["forward", "backward", "forward+backward"]
+# settings of shade_ops._triton to try with the time left (graph times of Triton alone)
+SWEEP = [
+    {},  # the defaults
+    {"_TILE": 1024, "_NUM_WARPS": 4},
+    {"_TILE": 2048, "_NUM_WARPS": 4},
+    {"_TILE": 4096, "_NUM_WARPS": 8},
+    {"_PROGRAMS": 2048, "_BWD_PROGRAMS": 32768},
+    {"_PROGRAMS": 512, "_BWD_PROGRAMS": 2048},
+]
+GOAL_COPY_FRACTION = 0.8     # forward and backward, each, of the copy bandwidth
+GOAL_SPEEDUP = 1.2           # forward+backward over torch.compile of the reference
+COPY_BYTES = 1 << 30         # the tensor copied to measure the bandwidth (1 GiB)
+
+
+# ---- what runs anywhere ------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU smoke test: tiny shapes through TRITON_INTERPRET=1, no install, "
+                             "no tests, no torch.compile (implies --device cpu)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                        help="where to benchmark (default: cuda, or cpu with --dry-run)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile every kernel the benchmark shapes launch for --arch with "
+                             "ptxas, without a GPU, and report registers and vector loads")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability for "
+                        "--compile-only (90: H100/H200)")
+    parser.add_argument("--shape", action="append", type=parse_shape, dest="shapes",
+                        help="a shape to benchmark, e.g. 256x64x56x56 (repeatable)")
+    parser.add_argument("--dtype", action="append",
+                        choices=["float32", "bfloat16", "float16", "float64"],
+                        dest="dtypes")
+    parser.add_argument("--skip-install", action="store_true")
+    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--skip-compile", action="store_true",
+                        help="leave out torch.compile of the reference")
+    parser.add_argument("--no-sweep", action="store_true", help="leave out the tile sweep")
+    parser.add_argument("--budget", type=float, default=450.0,
+                        help="seconds for the whole check; later steps are cut to fit")
+    parser.add_argument("--rep-ms", type=float, default=40.0,
+                        help="do_bench repetition time per measurement, ms")
+    parser.add_argument("--out", default=os.environ.get("OUT"),
+                        help="folder for gpu_check.json and the markdown (default: $OUT)")
+    parser.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        args.device = "cpu"
+        args.skip_install = args.skip_tests = args.skip_compile = True
+        args.no_sweep = True
+    args.device = args.device or "cuda"
+    args.shapes = args.shapes or (DRY_RUN_SHAPES if args.dry_run else SHAPES)
+    args.dtypes = args.dtypes or DTYPES
+    return args
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'256x64x56x56' -> (256, 64, 56, 56)."""
+    try:
+        shape = tuple(int(part) for part in re.split(r"[x,]", text.strip()) if part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is integers joined by 'x', got {text!r}")
+    if len(shape) < 2 or any(n < 1 for n in shape):
+        raise argparse.ArgumentTypeError(f"a shape needs at least 2 positive dims, got {text!r}")
+    return shape
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+
+def bytes_moved(shape: tuple[int, ...], dtype: str, phase: str) -> int:
+    """Bytes that must cross the memory bus: the forward reads y, the backward reads y and writes
+    the gradient, forward+backward does both."""
+    tensor = math.prod(shape) * DTYPE_BYTES[dtype]
+    return {"forward": 1, "backward": 2, "forward+backward": 3}[phase] * tensor
+
+
+def bandwidth_gbs(num_bytes: int, ms: float | None) -> float | None:
+    return None if not ms else num_bytes / (ms * 1e-3) / 1e9
+
+
+@dataclass
+class Row:
+    """One measurement: an implementation, a phase, a shape and a dtype."""
+
+    shape: tuple
+    dtype: str
+    phase: str
+    impl: str
+    ms: float | None = None          # do_bench median
+    ms_p20: float | None = None
+    ms_p80: float | None = None
+    graph_ms: float | None = None    # do_bench_cudagraph median: device time alone
+    gbs: float | None = None
+    copy_fraction: float | None = None
+    graph_gbs: float | None = None
+    graph_copy_fraction: float | None = None
+    note: str = ""
+
+    def fill_bandwidth(self, copy_gbs: float | None) -> None:
+        moved = bytes_moved(self.shape, self.dtype, self.phase)
+        self.gbs = bandwidth_gbs(moved, self.ms)
+        self.graph_gbs = bandwidth_gbs(moved, self.graph_ms)
+        if copy_gbs:
+            self.copy_fraction = self.gbs / copy_gbs if self.gbs else None
+            self.graph_copy_fraction = self.graph_gbs / copy_gbs if self.graph_gbs else None
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def speedups(rows: list[Row], baseline: str = "compile") -> dict:
+    """(shape, dtype, phase) -> (do_bench speed-up, graph speed-up) of triton over baseline."""
+    by_key = {(tuple(r.shape), r.dtype, r.phase, r.impl): r for r in rows}
+    result = {}
+    for (shape, dtype, phase, impl), row in by_key.items():
+        base = by_key.get((shape, dtype, phase, baseline))
+        if impl != "triton" or base is None:
+            continue
+        result[(shape, dtype, phase)] = (
+            base.ms / row.ms if base.ms and row.ms else None,
+            base.graph_ms / row.graph_ms if base.graph_ms and row.graph_ms else None)
+    return result
+
+
+def markdown_table(rows: list[Row], copy_gbs: float | None) -> str:
+    """The results as one markdown table, triton's speed-up over torch.compile in the last
+    columns."""
+    ups = speedups(rows)
+    header = ["shape", "dtype", "phase", "impl", "median ms (p20-p80)", "GB/s", "of copy",
+              "graph ms", "graph GB/s", "graph of copy", "vs compile", "graph vs compile"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        up = ups.get((tuple(r.shape), r.dtype, r.phase), (None, None)) if r.impl == "triton" \
+            else (None, None)
+        spread = "" if r.ms_p20 is None else f" ({r.ms_p20:.4f}-{r.ms_p80:.4f})"
+        median = (_fmt(r.ms, ".4f") + spread) if r.ms is not None else (r.note or "-")
+        lines.append("| " + " | ".join([
+            "x".join(map(str, r.shape)), r.dtype, r.phase, r.impl, median,
+            _fmt(r.gbs, ".0f"), _fmt(r.copy_fraction, ".0%"), _fmt(r.graph_ms, ".4f"),
+            _fmt(r.graph_gbs, ".0f"), _fmt(r.graph_copy_fraction, ".0%"),
+            _fmt(up[0], ".2f", "x"), _fmt(up[1], ".2f", "x")]) + " |")
+    lines.append("")
+    lines.append(f"Copy bandwidth (`torch.empty_like(x).copy_(x)`, read + write): "
+                 f"{_fmt(copy_gbs, '.0f')} GB/s.")
+    return "\n".join(lines)
+
+
+def goals(rows: list[Row], shapes: list[tuple]) -> list[dict]:
+    """The issue's goals at the given shapes: forward and backward each at least 80% of the copy
+    bandwidth; forward+backward at least 1.2x faster than torch.compile of the reference. Judged
+    on do_bench and on graph (device-only) times."""
+    ups = speedups(rows)
+    checks = []
+    for r in rows:
+        if r.impl != "triton" or tuple(r.shape) not in {tuple(s) for s in shapes}:
+            continue
+        if r.phase in ("forward", "backward"):
+            for timing, value in (("do_bench", r.copy_fraction),
+                                  ("graph", r.graph_copy_fraction)):
+                checks.append(dict(shape=list(r.shape), dtype=r.dtype, phase=r.phase,
+                                   timing=timing, goal=f">= {GOAL_COPY_FRACTION:.0%} of copy",
+                                   value=value, met=None if value is None
+                                   else value >= GOAL_COPY_FRACTION))
+        else:
+            up = ups.get((tuple(r.shape), r.dtype, r.phase), (None, None))
+            for timing, value in zip(("do_bench", "graph"), up):
+                checks.append(dict(shape=list(r.shape), dtype=r.dtype, phase=r.phase,
+                                   timing=timing, goal=f">= {GOAL_SPEEDUP}x torch.compile",
+                                   value=value, met=None if value is None
+                                   else value >= GOAL_SPEEDUP))
+    return checks
+
+
+def goals_markdown(checks: list[dict]) -> str:
+    lines = ["| shape | dtype | phase | timing | goal | value | met |",
+             "|---|---|---|---|---|---|---|"]
+    for c in checks:
+        value = c["value"]
+        shown = "-" if value is None else (f"{value:.2f}x" if "compile" in c["goal"]
+                                           else f"{value:.0%}")
+        met = {True: "yes", False: "NO", None: "-"}[c["met"]]
+        lines.append(f"| {'x'.join(map(str, c['shape']))} | {c['dtype']} | {c['phase']} | "
+                     f"{c['timing']} | {c['goal']} | {shown} | {met} |")
+    return "\n".join(lines)
+
+
+def device_slug(name: str) -> str:
+    """'NVIDIA H200' -> 'nvidia-h200': a file-name-safe device name."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
+
+
+def result_name(device_name: str, when: datetime.date | None = None) -> str:
+    when = when or datetime.date.today()
+    return f"gpu_check_{when.isoformat()}_{device_slug(device_name)}.md"
+
+
+def pytest_summary(output: str) -> str:
+    """The last summary line of a pytest run ('3 passed, 1 skipped in 2.1s'), or ''."""
+    for line in reversed(output.strip().splitlines()):
+        if re.search(r"\b(passed|failed|error|errors|skipped|deselected|no tests ran)\b", line):
+            return line.strip("= ").strip()
+    return ""
+
+
+class Budget:
+    """Seconds left of the whole check."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+def run_command(command: list[str], timeout: float, env: dict | None = None) -> dict:
+    """Runs a command from the repository root; never raises."""
+    start = time.monotonic()
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=max(1.0, timeout))
+        output, code = done.stdout + done.stderr, done.returncode
+    except subprocess.TimeoutExpired as error:
+        output = (error.stdout or b"").decode() if isinstance(error.stdout, bytes) \
+            else (error.stdout or "")
+        output, code = output + f"\n[timed out after {timeout:.0f}s]", None
+    except OSError as error:
+        output, code = str(error), None
+    return dict(command=" ".join(command), returncode=code, seconds=time.monotonic() - start,
+                summary=pytest_summary(output), tail=output[-3000:])
+
+
+def _env(**overrides: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(overrides)
+    return env
+
+
+def install(budget: Budget) -> dict:
+    """pip install -e . without network; then, if shade_ops._C does not import from the
+    repository (no pip, or an install that put it elsewhere), `setup.py build_ext --inplace`."""
+    result = run_command([sys.executable, "-m", "pip", "install", "--no-deps",
+                          "--no-build-isolation", "-e", "."], min(240.0, budget.left() / 2))
+    check = [sys.executable, "-c", "import shade_ops._C"]
+    if run_command(check, 60.0, _env())["returncode"] != 0:
+        result["fallback"] = run_command([sys.executable, "setup.py", "build_ext", "--inplace"],
+                                         min(240.0, budget.left() / 2))
+        result["fallback"]["imports"] = run_command(check, 60.0, _env())["returncode"] == 0
+    return result
+
+
+TEST_RUNS = {
+    # the CUDA tests of the Triton backend: before the benchmark, which needs them to pass
+    "triton": (["tests/test_triton.py", "-k", "cuda"], 200.0, 150.0),
+    # the other tests that name cuda, with the time the benchmark leaves
+    "others": (["tests", "--ignore=tests/test_triton.py", "-m", "not slow", "-k", "cuda"], 60.0,
+               20.0),
+}
+
+
+def run_tests(budget: Budget, which: str) -> dict:
+    """One pytest run of TEST_RUNS with compiled kernels (not the interpreter, which
+    tests/conftest.py would otherwise choose); cut to leave `reserve` seconds of the budget."""
+    args, cap, reserve = TEST_RUNS[which]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+    timeout = min(cap, budget.left() - reserve)
+    if timeout < 20.0:
+        return dict(command=" ".join(command), skipped="time budget")
+    return run_command(command, timeout, _env(TRITON_INTERPRET="0", PYTHONUNBUFFERED="1"))
+
+
+# ---- timing ------------------------------------------------------------------------------
+
+def _cpu_bench(fn, reps: int = 5) -> list[float]:
+    """(p20, median, p80) ms of fn on the CPU."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return [times[int(0.2 * (reps - 1))], statistics.median(times), times[int(0.8 * (reps - 1))]]
+
+
+def graph_ms(make_fn, rep_ms: float) -> float:
+    """do_bench median of one CUDA-graph replay of make_fn()'s callable: device time without the
+    Python and launch costs, the L2 cache flushed between replays as do_bench does. Everything,
+    make_fn() included, runs on one side stream, because a backward runs on the stream of its
+    forward."""
+    import torch
+    import triton.testing
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn = make_fn()
+        fn()
+        fn()  # warm: compiled, cached, allocated
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    try:
+        return triton.testing.do_bench(graph.replay, warmup=max(5, int(rep_ms / 4)),
+                                       rep=int(rep_ms), return_mode="median")
+    finally:
+        del graph
+
+
+def time_call(make_fn, device: str, rep_ms: float) -> tuple[list[float], float | None, str]:
+    """([p20, median, p80] ms from do_bench of make_fn()'s callable, graph median ms or None,
+    note)."""
+    if device == "cpu":
+        return _cpu_bench(make_fn()), None, ""
+    import triton.testing
+
+    quantiles = triton.testing.do_bench(make_fn(), warmup=max(5, int(rep_ms / 4)),
+                                        rep=int(rep_ms), quantiles=[0.2, 0.5, 0.8])
+    try:
+        graph, note = graph_ms(make_fn, rep_ms), ""
+    except Exception as error:  # noqa: BLE001  (a baseline that cannot be captured)
+        graph, note = None, f"graph: {type(error).__name__}: {error!s:.80}"
+    return list(quantiles), graph, note
+
+
+def copy_bandwidth(device: str, rep_ms: float, num_bytes: int = COPY_BYTES) -> float:
+    """GB/s of `torch.empty_like(x).copy_(x)` (bytes read + bytes written)."""
+    import torch
+
+    x = torch.empty(num_bytes // 4, dtype=torch.float32, device=device).normal_()
+    (_, median, _), graph, _ = time_call(lambda: lambda: torch.empty_like(x).copy_(x), device,
+                                         rep_ms)
+    best = min(t for t in (median, graph) if t)  # the copy's own speed, launch cost aside
+    return 2 * x.numel() * x.element_size() / (best * 1e-3) / 1e9
+
+
+def _penalty_calls(impl: str, y, state):
+    """For one implementation in training mode, makers of the (forward, backward,
+    forward+backward) callables: the backward's maker runs the forward it differentiates."""
+    import torch
+
+    import shade_ops
+    from shade_ops import reference
+
+    if impl == "triton":
+        def forward():
+            return shade_ops.penalty(y, state, backend="triton")
+    elif impl == "eager":
+        def forward():
+            return reference.penalty(y, state)
+    else:
+        def reference_penalty(t):
+            return reference.penalty(t, state)
+
+        compiled = torch.compile(reference_penalty, dynamic=False)
+
+        def forward():
+            return compiled(y)
+
+    def make_backward():
+        value = forward()
+        return lambda: torch.autograd.grad(value, y, retain_graph=True)
+
+    def both():
+        return torch.autograd.grad(forward(), y)
+
+    return (lambda: forward), make_backward, (lambda: both)
+
+
+def benchmark(args, budget: Budget, copy_gbs: float | None) -> list[Row]:
+    import torch
+
+    import shade_ops
+
+    rows = []
+    for shape in args.shapes:
+        for dtype_name in args.dtypes:
+            dtype = getattr(torch, dtype_name)
+            y = torch.randn(shape, dtype=dtype, device=args.device).requires_grad_()
+            state = shade_ops.ShadeState(shape[1], device=args.device)
+            for impl in IMPLEMENTATIONS:
+                if impl == "compile" and args.skip_compile:
+                    continue
+                if budget.left() < (90.0 if impl == "compile" else 20.0):
+                    rows += [Row(shape, dtype_name, p, impl, note="skipped: time budget")
+                             for p in PHASES]
+                    continue
+                calls = _penalty_calls(impl, y, state)
+                try:
+                    start = time.monotonic()
+                    calls[2]()()  # compiles what needs compiling, forward and backward
+                    warm = time.monotonic() - start
+                except Exception as error:  # noqa: BLE001  (report, keep going)
+                    rows += [Row(shape, dtype_name, p, impl, note=f"failed: {error!r:.200}")
+                             for p in PHASES]
+                    continue
+                for phase, call in zip(PHASES, calls):
+                    row = Row(shape, dtype_name, phase, impl)
+                    try:
+                        (p20, median, p80), row.graph_ms, row.note = time_call(
+                            call, args.device, args.rep_ms)
+                        row.ms, row.ms_p20, row.ms_p80 = median, p20, p80
+                    except Exception as error:  # noqa: BLE001
+                        row.note = f"failed: {error!r:.200}"
+                    if phase == "forward" and warm > 5:
+                        row.note = (row.note + f" warm-up {warm:.0f}s").strip()
+                    row.fill_bandwidth(copy_gbs)
+                    rows.append(row)
+            del y, state
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def sweep(args, budget: Budget, copy_gbs: float | None) -> list[dict]:
+    """Triton's forward and backward (graph times) at the settings of SWEEP."""
+    import torch
+
+    import shade_ops
+    from shade_ops import _triton
+
+    defaults = {name: getattr(_triton, name) for setting in SWEEP for name in setting}
+    results = []
+    try:
+        for setting in SWEEP:
+            for name, value in {**defaults, **setting}.items():
+                setattr(_triton, name, value)
+            for shape in args.shapes:
+                for dtype_name in args.dtypes:
+                    if budget.left() < 60.0:
+                        return results
+                    y = torch.randn(shape, dtype=getattr(torch, dtype_name),
+                                    device=args.device).requires_grad_()
+                    state = shade_ops.ShadeState(shape[1], device=args.device)
+                    forward, backward, _ = _penalty_calls("triton", y, state)  # makers
+                    entry = dict(setting=setting or "defaults", shape=list(shape),
+                                 dtype=dtype_name)
+                    for phase, call in (("forward", forward), ("backward", backward)):
+                        try:
+                            graph = graph_ms(call, args.rep_ms / 2)
+                        except Exception as error:  # noqa: BLE001
+                            entry[phase] = f"failed: {error!r:.120}"
+                            continue
+                        gbs = bandwidth_gbs(bytes_moved(shape, dtype_name, phase), graph)
+                        entry[phase] = dict(graph_ms=graph, gbs=gbs,
+                                            copy_fraction=gbs / copy_gbs if gbs and copy_gbs
+                                            else None)
+                    results.append(entry)
+    finally:
+        for name, value in defaults.items():
+            setattr(_triton, name, value)
+    return results
+
+
+def sweep_markdown(results: list[dict]) -> str:
+    lines = ["| setting | shape | dtype | forward graph ms (of copy) | "
+             "backward graph ms (of copy) |", "|---|---|---|---|---|"]
+    for e in results:
+        cells = []
+        for phase in ("forward", "backward"):
+            m = e.get(phase)
+            cells.append(m if isinstance(m, str) or m is None else
+                         f"{_fmt(m['graph_ms'], '.4f')} ({_fmt(m['copy_fraction'], '.0%')})")
+        setting = e["setting"] if isinstance(e["setting"], str) else \
+            ", ".join(f"{k.strip('_')}={v}" for k, v in e["setting"].items())
+        lines.append(f"| {setting} | {'x'.join(map(str, e['shape']))} | "
+                     f"{e['dtype']} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+# ---- compile-only: the GPU kernels without a GPU -----------------------------------------
+
+def compile_report(shapes, dtypes, arch: int = 90) -> list[dict]:
+    """Compiles, with ptxas and no GPU, every kernel the forward, backward and update launch at
+    `shapes`, and reports registers, spills and vector loads of each. Needs a process where Triton
+    was imported without TRITON_INTERPRET=1; patches Triton's launch to compile only."""
+    import subprocess as sp
+    import tempfile
+
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    class CompileOnlyDriver:
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+    compiled = []
+    run = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append((self.__name__, tuple(grid), kernel))
+        return kernel
+
+    driver.set_active(CompileOnlyDriver())
+    JITFunction.run = compile_only
+    from shade_ops import _triton
+    from shade_ops._layout import units_view
+
+    if _triton.INTERPRETED:
+        raise RuntimeError("--compile-only needs Triton imported without TRITON_INTERPRET=1")
+    _triton.INTERPRETED = True  # lets the launchers take CPU tensors: nothing is launched
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                             "cuobjdump")
+    report = []
+    for shape in shapes:
+        for dtype_name in dtypes:
+            y = torch.empty(shape, dtype=getattr(torch, dtype_name))
+            view, mu = units_view(y, 1), torch.zeros(2, shape[1])
+            compiled.clear()
+            start = time.monotonic()
+            _triton.penalty_forward(view, mu, "mean")
+            _triton.penalty_backward(torch.ones(()), view, mu, "mean")
+            _triton.update_state(torch.ones(2, shape[1]), mu, torch.ones(4, shape[1]), 0.8)
+            seconds = time.monotonic() - start
+            for name, grid, kernel in compiled:
+                ptx = kernel.asm["ptx"]
+                entry = dict(shape=list(shape), dtype=dtype_name, kernel=name, grid=list(grid),
+                             vector_loads=len(re.findall(r"ld\.global[.\w]*\.v[24]\.", ptx)),
+                             scalar_loads=len(re.findall(r"ld\.global[.\w]*\.b(?:16|32|64) ",
+                                                         ptx)),
+                             seconds=round(seconds, 2))
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(kernel.asm["cubin"])
+                    f.flush()
+                    usage = sp.run([cuobjdump, "--dump-resource-usage", f.name],
+                                   capture_output=True, text=True).stdout
+                found = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
+                if found:
+                    entry["registers"], entry["stack"] = map(int, found.groups())
+                report.append(entry)
+    return report
+
+
+# ---- main --------------------------------------------------------------------------------
+
+def _versions(device: str) -> dict:
+    import torch
+
+    info = dict(torch=torch.__version__, python=sys.version.split()[0], device=device)
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device == "cuda" and torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name()
+        info["capability"] = list(torch.cuda.get_device_capability())
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device_name"] = "cpu"
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                        capture_output=True, text=True,
+                                        timeout=10).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        info["commit"] = None
+    return info
+
+
+def write_results(report: dict, markdown: str, args) -> list[str]:
+    """gpu_check.json and the markdown under --out, the markdown under --results-dir."""
+    name = result_name(report["versions"]["device_name"])
+    written = []
+    for folder, files in ((args.out, {"gpu_check.json": json.dumps(report, indent=1,
+                                                                   default=str),
+                                      name: markdown}),
+                          (args.results_dir, {name: markdown})):
+        if not folder:
+            continue
+        os.makedirs(folder, exist_ok=True)
+        for file_name, text in files.items():
+            path = os.path.join(folder, file_name)
+            with open(path, "w") as f:
+                f.write(text + "\n")
+            written.append(path)
+    return written
+
+
+def _print_run(run: dict) -> dict:
+    print(run.get("command"), "->", run.get("summary") or run.get("skipped")
+          or run.get("tail", "")[-800:], flush=True)
+    return run
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    budget = Budget(args.budget)
+    # The interpreter is chosen when Triton is imported: decide before anything imports it.
+    os.environ["TRITON_INTERPRET"] = "1" if args.device == "cpu" and not args.compile_only \
+        else "0"
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+
+    if args.compile_only:
+        report = compile_report(args.shapes, args.dtypes, args.arch)
+        print(json.dumps(report, indent=1))
+        return dict(compile_report=report)
+
+    report: dict = dict(started=datetime.datetime.now().isoformat(timespec="seconds"),
+                        args={k: v for k, v in vars(args).items()}, tests=[], rows=[],
+                        goals=[], sweep=[], copy_gbs=None)
+    try:
+        _check(args, budget, report)
+    except BaseException as error:  # noqa: BLE001  (whatever happened, write what there is)
+        report["error"] = f"{type(error).__name__}: {error}"
+        print("gpu_check failed:", report["error"], flush=True)
+        if not isinstance(error, Exception):
+            raise
+    finally:
+        report["seconds"] = round(args.budget - budget.left(), 1)
+        report.setdefault("versions", _versions(args.device))
+        markdown = report_markdown(report)
+        print(markdown, flush=True)
+        report["written"] = write_results(report, markdown, args)
+        print("wrote", *report["written"], sep="\n  ")
+    return report
+
+
+def _check(args, budget: Budget, report: dict) -> None:
+    """The steps of the check, each adding to `report`."""
+    if not args.skip_install:
+        print("installing ...", flush=True)
+        report["install"] = install(budget)
+        print(report["install"]["tail"][-1500:], flush=True)
+    if not args.skip_tests:
+        print("testing ...", flush=True)
+        report["tests"].append(_print_run(run_tests(budget, "triton")))
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device; use --dry-run on a CPU")
+    from shade_ops import _ops
+
+    report["versions"] = _versions(args.device)
+    report["backends"] = _ops.available_backends(args.device)
+    report["copy_gbs"] = copy_gbs = copy_bandwidth(
+        args.device, args.rep_ms, COPY_BYTES if args.device == "cuda" else 1 << 22)
+    print(f"copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
+    rows = benchmark(args, budget, copy_gbs)
+    report["rows"] = [asdict(r) for r in rows]
+    report["goals"] = goals(rows, args.shapes)
+    if not args.no_sweep and args.device == "cuda":
+        report["sweep"] = sweep(args, budget, copy_gbs)
+    if not args.skip_tests:
+        report["tests"].append(_print_run(run_tests(budget, "others")))
+
+
+def report_markdown(report: dict) -> str:
+    versions = report["versions"]
+    rows = [Row(**{**r, "shape": tuple(r["shape"])}) for r in report["rows"]]
+    return "\n\n".join(filter(None, [
+        f"# shade_ops GPU check: {versions['device_name']}",
+        f"{report['started']}; torch {versions['torch']}, triton {versions['triton']}, commit "
+        f"{versions.get('commit')}; the penalty in training mode (state update included), "
+        f"reduction mean; do_bench medians, and do_bench medians of CUDA-graph replays (graph).",
+        f"**Error:** {report['error']}" if report.get("error") else "",
+        "\n".join(f"- `{t.get('command')}`: {t.get('summary') or t.get('skipped') or 'see JSON'}"
+                  for t in report["tests"]),
+        markdown_table(rows, report["copy_gbs"]) if rows else "",
+        "## Goals\n\n" + goals_markdown(report["goals"]) if report["goals"] else "",
+        ("## Tile sweep (Triton, graph times)\n\n" + sweep_markdown(report["sweep"]))
+        if report["sweep"] else "",
+        f"Total {report['seconds']} s.",
+    ]))
+
+
+def succeeded(report: dict) -> bool:
+    """No error, and every test run that ran passed (or found no test to run)."""
+    return not report.get("error") and all(
+        t.get("skipped") or t.get("returncode") in (0, 5) for t in report.get("tests", []))
+
+
+if __name__ == "__main__":
+    sys.exit(0 if succeeded(main()) else 1)

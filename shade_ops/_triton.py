@@ -1,0 +1,642 @@
+"""Triton kernels of the SHADE penalty: the CUDA implementation of the ``shade_ops`` ops.
+
+The same launchers serve two dispatch entries:
+- CUDA tensors: they are registered as the CUDA kernels of the ops that ``csrc/shade_ops.cpp``
+  declares (``shade_ops::penalty_forward`` and friends), so there is one op definition, with its
+  fake and autograd registrations in ``_ops.py``;
+- CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests them): as the CPU kernels of the opaque
+  ops ``shade_ops::triton_*``, since the interpreter runs Triton on CPU tensors but the CPU
+  dispatch entry of the native ops belongs to the C++ kernels.
+
+y arrives as the ``(A, C, B)`` view of ``_layout.units_view``, with any strides. The forward is one
+pass over y that writes per-program partial sums, then a small kernel that adds them in a fixed
+order (and, for many units, one more that adds the per-block penalties): no floating-point atomics,
+so results are bitwise reproducible. How the work is cut depends only on the shape. Nothing here
+reads a value back to the host, and every kernel runs on the current stream, so a training step
+that uses them can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _ops
+
+__all__ = ["penalty_forward", "relu_penalty_forward", "penalty_backward", "update_state",
+           "CUDA_OPS", "CUDA_UNAVAILABLE", "INTERPRETER_OPS", "INTERPRETER_UNAVAILABLE"]
+
+# triton.jit picks the interpreter when the kernels are defined: later changes to the variable do
+# not reach them.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# ---- how the work is cut ----------------------------------------------------------------
+
+_TILE = 2048            # elements of y one program handles per step of its loop
+_NUM_WARPS = 8
+_PROGRAMS = 1024        # forward programs to aim for on large inputs: a constant, so the cut (and
+                        # with it the order of every addition) depends on the shape alone
+_MIN_WORK = 16384       # elements of y per forward program, at least, where the input allows
+_PARTIAL_ROWS = 128     # column layout: rows summed inside a program per partial written, at least
+_BWD_PROGRAMS = 8192    # the backward has no partials: more, smaller programs even out the waves
+_BWD_MIN_WORK = 8192
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return triton.cdiv(n, multiple) * multiple
+
+
+def _column_tile(rows: int, cols: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_COL) for a (rows, cols) walk with cols innermost: at least a warp-wide row
+    of columns, more when there are few rows."""
+    block_col = min(_pow2(cols), max(128, _TILE // _pow2(rows)))
+    return max(1, min(_TILE // block_col, _pow2(rows))), block_col
+
+
+def _run_tile(rows: int, run: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_COL) for the runs of one unit: (rows, run) samples, run contiguous. The
+    column block wastes at most a sixteenth of the run where a power of two allows."""
+    if run < 128:
+        block_col = _pow2(run)
+    else:
+        widest = min(_TILE, max(128, _TILE // _pow2(rows)))
+        candidates = [c for c in (2048, 1024, 512, 256, 128) if c <= widest]
+        padded = {c: _round_up(run, c) for c in candidates}
+        fitting = [c for c in candidates if padded[c] - run <= run // 16]
+        block_col = fitting[0] if fitting else min(candidates, key=lambda c: (padded[c], -c))
+    return max(1, min(_TILE // block_col, _pow2(rows))), block_col
+
+
+def _finalize_tile(units: int, partials: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P) for adding `partials` partial sums of each of `units` units: one
+    program for up to a tile of them, the units of a program in one go."""
+    block_p = min(_pow2(partials), 128)
+    return max(1, min(_TILE // block_p, _pow2(units))), block_p
+
+
+def _row_chunks(rows: int, block_r: int, col_blocks: int, numel: int, programs: int,
+                min_work: int, min_rows: int = 1) -> tuple[int, int]:
+    """(rows per chunk, chunks): about `programs` programs in all, each with `min_work` elements
+    and `min_rows` rows at least, where the input allows."""
+    wanted = triton.cdiv(programs, col_blocks)
+    wanted = min(wanted, max(1, numel // (min_work * col_blocks)), max(1, rows // min_rows))
+    per_chunk = _round_up(triton.cdiv(rows, max(1, wanted)), block_r)
+    return per_chunk, triton.cdiv(rows, per_chunk)
+
+
+def _run_pieces(A: int, B: int, C: int, block_r: int,
+                block_col: int) -> tuple[int, int, int, int]:
+    """How each unit's (A, B) samples split into pieces for the runs kernel:
+    (rows_per_piece, cols_per_piece, row_pieces, col_pieces)."""
+    wanted = max(1, min(triton.cdiv(_PROGRAMS, C), (A * B) // _MIN_WORK))
+    row_blocks = triton.cdiv(A, block_r)
+    if wanted <= row_blocks:
+        rows_per_piece = _round_up(triton.cdiv(A, wanted), block_r)
+        return rows_per_piece, B, triton.cdiv(A, rows_per_piece), 1
+    col_pieces = min(triton.cdiv(B, block_col), triton.cdiv(wanted, row_blocks))
+    cols_per_piece = _round_up(triton.cdiv(B, col_pieces), block_col)
+    return block_r, cols_per_piece, row_blocks, triton.cdiv(B, cols_per_piece)
+
+
+def _uses_columns(A: int, B: int) -> bool:
+    """Forward layout: units innermost or short runs with many rows walk (A, C*B) with the columns
+    along the vector; long runs (or few rows) reduce each unit's runs inside one program."""
+    return B == 1 or (B < 128 and A >= _PARTIAL_ROWS)
+
+
+def _alignment(*values: int) -> int:
+    """The largest power of two up to 16 that divides every value: offsets Triton may assume
+    aligned, for vector loads where the arguments alone do not show it."""
+    align = 16
+    while align > 1 and any(v % align for v in values):
+        align //= 2
+    return align
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+# ---- kernels ----------------------------------------------------------------------------
+
+@triton.jit
+def _penalty_fwd_columns_kernel(
+        y_ptr, mu_ptr, out_ptr, partial_ptr,
+        A, NCOL, B, stride_a, stride_c, stride_b, stride_mu_z, stride_mu_c,
+        rows_per_chunk, col_blocks, partial_stride_j,
+        FLAT: tl.constexpr, HAS_RELU: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_COL: tl.constexpr):
+    # One program: a block of columns j = c * B + b of the (A, C * B) walk, over one chunk of rows;
+    # it writes the four column sums of that chunk to partial[:, chunk, j].
+    pid = tl.program_id(0).to(tl.int64)
+    chunk = pid // col_blocks
+    cols = (pid % col_blocks) * BLOCK_COL + tl.arange(0, BLOCK_COL)
+    if ALIGN > 1:  # what Triton cannot see from the arguments, for vector loads
+        NCOL = tl.multiple_of(NCOL, ALIGN)
+    col_mask = cols < NCOL
+    unit = cols // B
+    if FLAT:  # (C, B) merge into one stride: keep the columns visibly contiguous
+        col_off = cols * stride_b
+    else:
+        col_off = unit * stride_c + (cols - unit * B) * stride_b
+    mu0 = tl.load(mu_ptr + unit * stride_mu_c, mask=col_mask, other=0).to(ACC)
+    mu1 = tl.load(mu_ptr + stride_mu_z + unit * stride_mu_c, mask=col_mask, other=0).to(ACC)
+    # s (y - mu1)^2 + q (y - mu0)^2 = (y - mu1)^2 + q (a y + b)
+    coef_a = (2 * (mu1 - mu0))[None, :]
+    coef_b = (mu0 * mu0 - mu1 * mu1)[None, :]
+    mu1 = mu1[None, :]
+
+    acc_s = tl.zeros([BLOCK_R, BLOCK_COL], dtype=ACC)
+    acc_sy = tl.zeros([BLOCK_R, BLOCK_COL], dtype=ACC)
+    acc_qy = tl.zeros([BLOCK_R, BLOCK_COL], dtype=ACC)
+    acc_pen = tl.zeros([BLOCK_R, BLOCK_COL], dtype=ACC)
+    row_start = chunk * rows_per_chunk
+    row_end = tl.minimum(row_start + rows_per_chunk, A)
+    for r in range(row_start, row_end, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
+        mask = (rows < row_end)[:, None] & col_mask[None, :]
+        row_off = rows * stride_a
+        if ALIGN > 1:
+            row_off = tl.multiple_of(row_off, ALIGN)
+        raw = tl.load(y_ptr + row_off[:, None] + col_off[None, :], mask=mask, other=0)
+        y = raw.to(ACC)
+        q = tl.exp(-tl.maximum(y, 0.0))  # p(Z=0 | y); a masked y = 0 gives s = 0
+        s = 1.0 - q
+        d1 = y - mu1
+        acc_s += s
+        acc_sy += s * y
+        acc_qy += q * y
+        acc_pen += tl.where(mask, d1 * d1 + q * (coef_a * y + coef_b), 0.0)
+        if HAS_RELU:  # y < 0 ? 0 : y keeps NaN, as torch.relu does
+            out_off = rows * NCOL
+            if ALIGN > 1:
+                out_off = tl.multiple_of(out_off, ALIGN)
+            tl.store(out_ptr + out_off[:, None] + cols[None, :],
+                     tl.where(raw < 0, 0.0, raw).to(out_ptr.dtype.element_ty), mask=mask)
+
+    partial = partial_ptr + chunk * NCOL + cols
+    tl.store(partial, tl.sum(acc_s, axis=0), mask=col_mask)
+    tl.store(partial + partial_stride_j, tl.sum(acc_sy, axis=0), mask=col_mask)
+    tl.store(partial + 2 * partial_stride_j, tl.sum(acc_qy, axis=0), mask=col_mask)
+    tl.store(partial + 3 * partial_stride_j, tl.sum(acc_pen, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _penalty_fwd_runs_kernel(
+        y_ptr, mu_ptr, out_ptr, partial_ptr,
+        A, C, B, stride_a, stride_c, stride_b, stride_mu_z, stride_mu_c,
+        rows_per_piece, cols_per_piece, col_pieces, pieces,
+        HAS_RELU: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_COL: tl.constexpr):
+    # One program: one piece (rows x run columns) of one unit; it writes the unit's four sums over
+    # that piece to partial[:, unit, piece].
+    pid = tl.program_id(0).to(tl.int64)
+    unit = pid // pieces
+    piece = pid % pieces
+    row_start = (piece // col_pieces) * rows_per_piece
+    row_end = tl.minimum(row_start + rows_per_piece, A)
+    col_start = (piece % col_pieces) * cols_per_piece
+    col_end = tl.minimum(col_start + cols_per_piece, B)
+    unit_off = unit * stride_c
+    if ALIGN > 1:  # what Triton cannot see from the arguments, for vector loads
+        col_end = tl.multiple_of(col_end, ALIGN)
+        unit_off = tl.multiple_of(unit_off, ALIGN)
+    mu0 = tl.load(mu_ptr + unit * stride_mu_c).to(ACC)
+    mu1 = tl.load(mu_ptr + stride_mu_z + unit * stride_mu_c).to(ACC)
+    coef_a = 2 * (mu1 - mu0)
+    coef_b = mu0 * mu0 - mu1 * mu1
+    y_unit = y_ptr + unit_off
+
+    acc_s = tl.zeros([BLOCK_R, BLOCK_COL], dtype=ACC)
+    acc_sy = tl.zeros([BLOCK_R, BLOCK_COL], dtype=ACC)
+    acc_qy = tl.zeros([BLOCK_R, BLOCK_COL], dtype=ACC)
+    acc_pen = tl.zeros([BLOCK_R, BLOCK_COL], dtype=ACC)
+    for r in range(row_start, row_end, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
+        row_mask = (rows < row_end)[:, None]
+        row_off = rows * stride_a
+        if ALIGN > 1:
+            row_off = tl.multiple_of(row_off, ALIGN)
+        for c0 in range(col_start, col_end, BLOCK_COL):
+            cols = c0 + tl.arange(0, BLOCK_COL)
+            mask = row_mask & (cols < col_end)[None, :]
+            raw = tl.load(y_unit + row_off[:, None] + cols[None, :] * stride_b, mask=mask,
+                          other=0)
+            y = raw.to(ACC)
+            q = tl.exp(-tl.maximum(y, 0.0))
+            s = 1.0 - q
+            d1 = y - mu1
+            acc_s += s
+            acc_sy += s * y
+            acc_qy += q * y
+            acc_pen += tl.where(mask, d1 * d1 + q * (coef_a * y + coef_b), 0.0)
+            if HAS_RELU:
+                out_off = (rows * C + unit) * B
+                if ALIGN > 1:
+                    out_off = tl.multiple_of(out_off, ALIGN)
+                tl.store(out_ptr + out_off[:, None] + cols[None, :],
+                         tl.where(raw < 0, 0.0, raw).to(out_ptr.dtype.element_ty), mask=mask)
+
+    partial = partial_ptr + unit * pieces + piece
+    partial_stride_j = C * pieces
+    tl.store(partial, tl.sum(acc_s))
+    tl.store(partial + partial_stride_j, tl.sum(acc_sy))
+    tl.store(partial + 2 * partial_stride_j, tl.sum(acc_qy))
+    tl.store(partial + 3 * partial_stride_j, tl.sum(acc_pen))
+
+
+@triton.jit
+def _penalty_finalize_kernel(
+        partial_ptr, sums_ptr, penalty_ptr, mu_ptr, mu_copy_ptr, C, count, P, P_INNER,
+        partial_stride_j, partial_stride_c, partial_stride_outer, stride_mu_z, stride_mu_c,
+        MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    # One program: a block of units. Entry i < P of unit c's partials lies at
+    # c * stride_c + (i // P_INNER) * stride_outer + i % P_INNER. Writes sums (4, C) and the
+    # penalty of its units to penalty_ptr[program] (the penalty itself when there is one program),
+    # and copies mu (2, C) for autograd to keep, the update that follows writing into mu itself.
+    pid = tl.program_id(0).to(tl.int64)
+    units = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    unit_mask = units < C
+    mu_units = mu_ptr + units * stride_mu_c
+    tl.store(mu_copy_ptr + units, tl.load(mu_units, mask=unit_mask), mask=unit_mask)
+    tl.store(mu_copy_ptr + C + units, tl.load(mu_units + stride_mu_z, mask=unit_mask),
+             mask=unit_mask)
+    acc_s = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+    acc_sy = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+    acc_qy = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+    acc_pen = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+    for p0 in range(0, P, BLOCK_P):
+        i = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
+        offsets = units[:, None] * partial_stride_c \
+            + ((i // P_INNER) * partial_stride_outer + i % P_INNER)[None, :]
+        mask = unit_mask[:, None] & (i < P)[None, :]
+        acc_s += tl.load(partial_ptr + offsets, mask=mask, other=0)
+        acc_sy += tl.load(partial_ptr + partial_stride_j + offsets, mask=mask, other=0)
+        acc_qy += tl.load(partial_ptr + 2 * partial_stride_j + offsets, mask=mask, other=0)
+        acc_pen += tl.load(partial_ptr + 3 * partial_stride_j + offsets, mask=mask, other=0)
+    k = tl.cast(count, ACC)
+    tl.store(sums_ptr + units, tl.sum(acc_s, axis=1), mask=unit_mask)
+    tl.store(sums_ptr + C + units, tl.sum(acc_sy, axis=1), mask=unit_mask)
+    tl.store(sums_ptr + 2 * C + units, tl.sum(acc_qy, axis=1), mask=unit_mask)
+    tl.store(sums_ptr + 3 * C + units, tl.zeros([BLOCK_C], dtype=ACC) + k, mask=unit_mask)
+    unit_penalty = tl.sum(acc_pen, axis=1)
+    if MEAN:
+        unit_penalty = unit_penalty / k
+    tl.store(penalty_ptr + pid, tl.sum(tl.where(unit_mask, unit_penalty, 0.0)))
+
+
+@triton.jit
+def _penalty_total_kernel(block_ptr, penalty_ptr, n, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for i0 in range(0, n, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        acc += tl.load(block_ptr + i, mask=i < n, other=0)
+    tl.store(penalty_ptr, tl.sum(acc))
+
+
+@triton.jit
+def _penalty_bwd_kernel(
+        grad_penalty_ptr, y_ptr, mu_ptr, grad_out_ptr, grad_ptr,
+        A, NCOL, B, count, stride_a, stride_c, stride_b, stride_mu_z, stride_mu_c,
+        go_stride_a, go_stride_c, go_stride_b, rows_per_chunk, col_blocks,
+        FLAT: tl.constexpr, GO_FLAT: tl.constexpr, MEAN: tl.constexpr,
+        HAS_GRAD_OUT: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_COL: tl.constexpr):
+    # One program: a block of columns j = c * B + b over one chunk of rows of the (A, C * B) walk.
+    # d penalty / d y = w (2 (y - mu1) + q (a - [y > 0] (a y + b))), a and b as in the forward.
+    pid = tl.program_id(0).to(tl.int64)
+    chunk = pid // col_blocks
+    cols = (pid % col_blocks) * BLOCK_COL + tl.arange(0, BLOCK_COL)
+    if ALIGN > 1:
+        NCOL = tl.multiple_of(NCOL, ALIGN)
+    col_mask = cols < NCOL
+    unit = cols // B
+    if FLAT:
+        col_off = cols * stride_b
+    else:
+        col_off = unit * stride_c + (cols - unit * B) * stride_b
+    if GO_FLAT:
+        go_col_off = cols * go_stride_b
+    else:
+        go_col_off = unit * go_stride_c + (cols - unit * B) * go_stride_b
+    w = tl.load(grad_penalty_ptr).to(ACC)  # read on the device: no host synchronisation
+    if MEAN:
+        w = w / tl.cast(count, ACC)
+    mu0 = tl.load(mu_ptr + unit * stride_mu_c, mask=col_mask, other=0).to(ACC)
+    mu1 = tl.load(mu_ptr + stride_mu_z + unit * stride_mu_c, mask=col_mask, other=0).to(ACC)
+    w_a = (w * (2 * (mu1 - mu0)))[None, :]
+    w_b = (w * (mu0 * mu0 - mu1 * mu1))[None, :]
+    c0 = (-2 * w * mu1)[None, :]
+    c1 = 2 * w
+
+    row_start = chunk * rows_per_chunk
+    row_end = tl.minimum(row_start + rows_per_chunk, A)
+    for r in range(row_start, row_end, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
+        mask = (rows < row_end)[:, None] & col_mask[None, :]
+        row_off = rows * stride_a
+        out_off = rows * NCOL
+        if ALIGN > 1:
+            row_off = tl.multiple_of(row_off, ALIGN)
+            out_off = tl.multiple_of(out_off, ALIGN)
+        y = tl.load(y_ptr + row_off[:, None] + col_off[None, :], mask=mask, other=0).to(ACC)
+        q = tl.exp(-tl.maximum(y, 0.0))
+        grad = c1 * y + c0 + q * (w_a - tl.where(y > 0, w_a * y + w_b, 0.0))
+        if HAS_GRAD_OUT:  # the fused ShadeReLU: + grad_out * relu'(y)
+            go_row_off = rows * go_stride_a
+            if ALIGN > 1:
+                go_row_off = tl.multiple_of(go_row_off, ALIGN)
+            go = tl.load(grad_out_ptr + go_row_off[:, None] + go_col_off[None, :], mask=mask,
+                         other=0).to(ACC)
+            grad += tl.where(y > 0, go, 0.0)
+        tl.store(grad_ptr + out_off[:, None] + cols[None, :],
+                 grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _update_state_kernel(
+        p_ptr, mu_ptr, sums_ptr, C, stride_p_z, stride_p_c, stride_mu_z, stride_mu_c,
+        stride_s_j, stride_s_c, decay_hi, decay_lo, keep_hi, keep_lo,
+        COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    # Algorithm 1 with the guards of SPEC section 4. keep = 1 - decay, computed in double; both
+    # arrive as float32 pairs hi + lo (hi the float32 rounding), since Triton passes Python floats
+    # as float32 and float64 state needs the double value.
+    units = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = units < C
+    sums = sums_ptr + units * stride_s_c
+    count = tl.load(sums + 3 * stride_s_j, mask=mask, other=1).to(COMPUTE)
+    b1 = tl.load(sums, mask=mask, other=0).to(COMPUTE) / count
+    m1 = tl.load(sums + stride_s_j, mask=mask, other=0).to(COMPUTE) / count
+    m0 = tl.load(sums + 2 * stride_s_j, mask=mask, other=0).to(COMPUTE) / count
+    b0 = 1 - b1
+    p0_ptr = p_ptr + units * stride_p_c
+    mu0_ptr = mu_ptr + units * stride_mu_c
+    p0 = tl.load(p0_ptr, mask=mask, other=1).to(COMPUTE)
+    p1 = tl.load(p0_ptr + stride_p_z, mask=mask, other=1).to(COMPUTE)
+    mu0 = tl.load(mu0_ptr, mask=mask, other=0).to(COMPUTE)
+    mu1 = tl.load(mu0_ptr + stride_mu_z, mask=mask, other=0).to(COMPUTE)
+    d = tl.cast(decay_hi, COMPUTE) + tl.cast(decay_lo, COMPUTE)
+    k = tl.cast(keep_hi, COMPUTE) + tl.cast(keep_lo, COMPUTE)
+    new_p0 = d * p0 + k * b0
+    new_p1 = d * p1 + k * b1
+    new_mu0 = tl.where(new_p0 != 0, d * mu0 + k * m0 / new_p0, mu0)
+    new_mu1 = tl.where(new_p1 != 0, d * mu1 + k * m1 / new_p1, mu1)
+    inf = float("inf")
+    finite = (tl.abs(b1) < inf) & (tl.abs(m0) < inf) & (tl.abs(m1) < inf)  # False for NaN too
+    p_ty = p_ptr.dtype.element_ty
+    mu_ty = mu_ptr.dtype.element_ty
+    tl.store(p0_ptr, tl.where(finite, new_p0, p0).to(p_ty), mask=mask)
+    tl.store(p0_ptr + stride_p_z, tl.where(finite, new_p1, p1).to(p_ty), mask=mask)
+    tl.store(mu0_ptr, tl.where(finite, new_mu0, mu0).to(mu_ty), mask=mask)
+    tl.store(mu0_ptr + stride_mu_z, tl.where(finite, new_mu1, mu1).to(mu_ty), mask=mask)
+
+
+# ---- launchers --------------------------------------------------------------------------
+
+def _launcher(fn):
+    """Under the interpreter numpy runs the kernels: keep it quiet about the NaN and Inf that the
+    SPEC lets through (a NaN in y, an empty batch's 0 / 0 in the update)."""
+    if not INTERPRETED:
+        return fn
+    import numpy as np
+
+    @functools.wraps(fn)
+    def quiet(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+
+    return quiet
+
+
+def _check(y: torch.Tensor, mu: torch.Tensor, reduction: str) -> bool:
+    """Checks the op arguments; returns whether the reduction is the mean."""
+    if y.dim() != 3:
+        raise RuntimeError(f"shade_ops: y must be viewed as (A, C, B), got {y.dim()} dims")
+    if not y.is_floating_point():
+        raise RuntimeError(f"shade_ops: y must be floating point, got {y.dtype}")
+    if mu.dim() != 2 or mu.shape[0] != 2 or mu.shape[1] != y.shape[1]:
+        raise RuntimeError(f"shade_ops: mu must have shape (2, C) with C = {y.shape[1]}, got "
+                           f"{tuple(mu.shape)}")
+    if y.device != mu.device:
+        raise RuntimeError(f"shade_ops: y ({y.device}) and mu ({mu.device}) must be on one device")
+    if reduction not in ("mean", "sum"):
+        raise RuntimeError(f"shade_ops: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if y.device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError(f"shade_ops: the Triton kernels run on CPU tensors only under "
+                           f"TRITON_INTERPRET=1, {INTERPRETER_UNAVAILABLE}")
+    return reduction == "mean"
+
+
+def _merged_stride(t: torch.Tensor) -> bool:
+    """Whether dims 1 and 2 of a 3-D tensor walk as one: column j = c * B + b at j * stride(2)."""
+    return t.shape[2] == 1 or t.shape[1] == 1 or t.stride(1) == t.shape[2] * t.stride(2)
+
+
+def _flat_stride(t: torch.Tensor) -> int:
+    return t.stride(2) if t.shape[2] > 1 or t.shape[1] == 1 else t.stride(1)
+
+
+def _forward(y: torch.Tensor, mu: torch.Tensor, reduction: str, with_relu: bool):
+    mean = _check(y, mu, reduction)
+    A, C, B = y.shape
+    count = A * B
+    acc = _ops.accumulation_dtype(y.dtype)
+    out = torch.empty((A, C, B), dtype=y.dtype, device=y.device) if with_relu else None
+    sums = torch.empty((4, C), dtype=acc, device=y.device)
+    penalty = torch.empty((), dtype=acc, device=y.device)
+    mu_copy = torch.empty((2, C), dtype=mu.dtype, device=mu.device)
+    if count == 0 or C == 0:  # an empty batch costs nothing
+        sums.zero_()
+        sums[3].fill_(float(count))
+        penalty.zero_()
+        return penalty, sums, out, mu_copy.copy_(mu)
+    ACC = _acc_dtype(y.dtype)
+
+    if _uses_columns(A, B):
+        ncol = C * B
+        block_r, block_col = _column_tile(A, ncol)
+        col_blocks = triton.cdiv(ncol, block_col)
+        rows_per_chunk, chunks = _row_chunks(A, block_r, col_blocks, A * ncol, _PROGRAMS,
+                                             _MIN_WORK, _PARTIAL_ROWS)
+        partial = torch.empty((4, chunks, C, B), dtype=acc, device=y.device)
+        flat = _merged_stride(y)
+        _penalty_fwd_columns_kernel[(chunks * col_blocks,)](
+            y, mu, out if with_relu else partial, partial,
+            A, ncol, B, y.stride(0), y.stride(1), _flat_stride(y) if flat else y.stride(2),
+            mu.stride(0), mu.stride(1), rows_per_chunk, col_blocks, chunks * ncol,
+            FLAT=flat, HAS_RELU=with_relu, ACC=ACC, ALIGN=_alignment(y.stride(0), ncol),
+            BLOCK_R=block_r, BLOCK_COL=block_col, num_warps=_NUM_WARPS)
+        # unit c: entries (chunk, b) at c * B + chunk * ncol + b
+        layout = dict(P=chunks * B, P_INNER=B, partial_stride_j=chunks * ncol,
+                      partial_stride_c=B, partial_stride_outer=ncol)
+    else:
+        block_r, block_col = _run_tile(A, B)
+        rows_per_piece, cols_per_piece, row_pieces, col_pieces = _run_pieces(
+            A, B, C, block_r, block_col)
+        pieces = row_pieces * col_pieces
+        partial = torch.empty((4, C, pieces), dtype=acc, device=y.device)
+        _penalty_fwd_runs_kernel[(C * pieces,)](
+            y, mu, out if with_relu else partial, partial,
+            A, C, B, y.stride(0), y.stride(1), y.stride(2), mu.stride(0), mu.stride(1),
+            rows_per_piece, cols_per_piece, col_pieces, pieces,
+            HAS_RELU=with_relu, ACC=ACC,
+            ALIGN=_alignment(y.stride(0), y.stride(1), B, cols_per_piece),
+            BLOCK_R=block_r, BLOCK_COL=block_col, num_warps=_NUM_WARPS)
+        layout = dict(P=pieces, P_INNER=pieces, partial_stride_j=C * pieces,
+                      partial_stride_c=pieces, partial_stride_outer=0)
+
+    block_c, block_p = _finalize_tile(C, layout["P"])
+    blocks = triton.cdiv(C, block_c)
+    per_block = penalty if blocks == 1 else torch.empty(blocks, dtype=acc, device=y.device)
+    _penalty_finalize_kernel[(blocks,)](
+        partial, sums, per_block, mu, mu_copy, C, count, **layout,
+        stride_mu_z=mu.stride(0), stride_mu_c=mu.stride(1),
+        MEAN=mean, ACC=ACC, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=_NUM_WARPS)
+    if blocks > 1:
+        _penalty_total_kernel[(1,)](per_block, penalty, blocks, ACC=ACC,
+                                    BLOCK=min(_pow2(blocks), 1024), num_warps=_NUM_WARPS)
+    return penalty, sums, out, mu_copy
+
+
+@_launcher
+def penalty_forward(y: torch.Tensor, mu: torch.Tensor,
+                    reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The penalty of SPEC section 2, the (4, C) batch sums (sum s, sum s*y, sum q*y, K) and a
+    contiguous copy of mu (what autograd keeps for the backward)."""
+    penalty, sums, _, mu_copy = _forward(y, mu, reduction, with_relu=False)
+    return penalty, sums, mu_copy
+
+
+@_launcher
+def relu_penalty_forward(
+        y: torch.Tensor, mu: torch.Tensor,
+        reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(penalty, sums, relu(y), copy of mu): :func:`penalty_forward` plus relu(y), a contiguous
+    (A, C, B) tensor written in the same pass."""
+    return _forward(y, mu, reduction, with_relu=True)
+
+
+@_launcher
+def penalty_backward(grad_penalty: torch.Tensor, y: torch.Tensor, mu: torch.Tensor,
+                     reduction: str, grad_out: torch.Tensor | None = None) -> torch.Tensor:
+    """grad_penalty * d penalty / d y (SPEC section 3), plus grad_out * (y > 0) when grad_out is
+    given (the fused ShadeReLU), as a contiguous (A, C, B) tensor of y's dtype."""
+    mean = _check(y, mu, reduction)
+    A, C, B = y.shape
+    grad = torch.empty((A, C, B), dtype=y.dtype, device=y.device)
+    if grad.numel() == 0:
+        return grad
+    if grad_out is not None and tuple(grad_out.shape) != (A, C, B):
+        raise RuntimeError(f"shade_ops: grad_out must have y's shape {(A, C, B)}, got "
+                           f"{tuple(grad_out.shape)}")
+    if grad_penalty.device != y.device:
+        grad_penalty = grad_penalty.to(y.device)
+    ncol = C * B
+    block_r, block_col = _column_tile(A, ncol)
+    col_blocks = triton.cdiv(ncol, block_col)
+    rows_per_chunk, chunks = _row_chunks(A, block_r, col_blocks, A * ncol, _BWD_PROGRAMS,
+                                         _BWD_MIN_WORK)
+    flat = _merged_stride(y)
+    go = grad_out if grad_out is not None else y
+    go_flat = _merged_stride(go)
+    _penalty_bwd_kernel[(chunks * col_blocks,)](
+        grad_penalty, y, mu, go, grad,
+        A, ncol, B, A * B, y.stride(0), y.stride(1), _flat_stride(y) if flat else y.stride(2),
+        mu.stride(0), mu.stride(1),
+        go.stride(0), go.stride(1), _flat_stride(go) if go_flat else go.stride(2),
+        rows_per_chunk, col_blocks,
+        FLAT=flat, GO_FLAT=go_flat, MEAN=mean, HAS_GRAD_OUT=grad_out is not None,
+        ACC=_acc_dtype(y.dtype), ALIGN=_alignment(y.stride(0), go.stride(0), ncol),
+        BLOCK_R=block_r, BLOCK_COL=block_col, num_warps=_NUM_WARPS)
+    return grad
+
+
+def _float32_pair(x: float) -> tuple[float, float]:
+    """(hi, lo), both float32 values, hi = float32(x) and hi + lo = x to about 48 bits."""
+    def float32(v: float) -> float:
+        return struct.unpack("f", struct.pack("f", v))[0]
+
+    hi = float32(float(x))
+    return hi, float32(float(x) - hi)
+
+
+@_launcher
+def update_state(p: torch.Tensor, mu: torch.Tensor, sums: torch.Tensor, decay: float) -> None:
+    """Algorithm 1 of the paper with the guards of SPEC section 4, in place, in one launch."""
+    if p.dim() != 2 or p.shape[0] != 2:
+        raise RuntimeError(f"update_state: p must have shape (2, C), got {tuple(p.shape)}")
+    if mu.shape != p.shape:
+        raise RuntimeError("update_state: mu must have the shape of p")
+    if sums.dim() != 2 or sums.shape[0] != 4 or sums.shape[1] != p.shape[1]:
+        raise RuntimeError("update_state: sums must have shape (4, C)")
+    C = p.shape[1]
+    if C == 0:
+        return
+    compute = torch.promote_types(p.dtype, sums.dtype)
+    block = min(_pow2(C), 1024)
+    _update_state_kernel[(triton.cdiv(C, block),)](
+        p, mu, sums, C, p.stride(0), p.stride(1), mu.stride(0), mu.stride(1),
+        sums.stride(0), sums.stride(1), *_float32_pair(decay), *_float32_pair(1.0 - decay),
+        COMPUTE=_acc_dtype(compute), BLOCK=block, num_warps=_NUM_WARPS)
+
+
+# ---- registration -----------------------------------------------------------------------
+
+INTERPRETER_UNAVAILABLE = (
+    "which must be set before Triton is first imported (Triton was imported without it, so its "
+    "kernels are compiled for a GPU)")
+
+if _ops.NATIVE_OPS is not None:
+    # The CUDA kernels of the ops csrc/shade_ops.cpp declares: one op definition, whose fake and
+    # autograd registrations _ops.py made once. Registering touches no CUDA device.
+    for _name, _fn in (("penalty_forward", penalty_forward),
+                       ("relu_penalty_forward", relu_penalty_forward),
+                       ("penalty_backward", penalty_backward),
+                       ("update_state", update_state)):
+        torch.library.register_kernel(f"shade_ops::{_name}", "cuda", _fn)
+    CUDA_OPS: _ops.PenaltyOps | None = _ops.NATIVE_OPS
+    CUDA_UNAVAILABLE: str | None = None
+else:
+    CUDA_OPS = None
+    CUDA_UNAVAILABLE = (f"the compiled extension shade_ops._C, which declares the ops the Triton "
+                        f"kernels implement, did not load ({_ops.NATIVE_IMPORT_ERROR}); "
+                        f"{_ops.BUILD_HINT}")
+
+# CPU tensors under the interpreter: opaque ops with the schemas of csrc/shade_ops.cpp.
+_SCHEMAS = {
+    "triton_penalty_forward": "(Tensor y, Tensor mu, str reduction) -> (Tensor, Tensor, Tensor)",
+    "triton_relu_penalty_forward":
+        "(Tensor y, Tensor mu, str reduction) -> (Tensor, Tensor, Tensor, Tensor)",
+    "triton_penalty_backward": "(Tensor grad_penalty, Tensor y, Tensor mu, str reduction, "
+                               "Tensor? grad_out=None) -> Tensor",
+    "triton_update_state": "(Tensor(a!) p, Tensor(b!) mu, Tensor sums, float decay) -> ()",
+}
+_LAUNCHERS = {
+    "triton_penalty_forward": penalty_forward,
+    "triton_relu_penalty_forward": relu_penalty_forward,
+    "triton_penalty_backward": penalty_backward,
+    "triton_update_state": update_state,
+}
+for _name, _schema in _SCHEMAS.items():
+    torch.library.define(f"shade_ops::{_name}", _schema)
+    torch.library.impl(f"shade_ops::{_name}", "cpu", _LAUNCHERS[_name])
+
+torch.library.register_fake("shade_ops::triton_update_state")(lambda p, mu, sums, decay: None)
+_ops.register_penalty_ops(torch.ops.shade_ops.triton_penalty_forward.default,
+                          torch.ops.shade_ops.triton_relu_penalty_forward.default,
+                          torch.ops.shade_ops.triton_penalty_backward.default)
+
+INTERPRETER_OPS: _ops.PenaltyOps | None = _ops.PenaltyOps(
+    forward=torch.ops.shade_ops.triton_penalty_forward.default,
+    relu_forward=torch.ops.shade_ops.triton_relu_penalty_forward.default,
+    backward=torch.ops.shade_ops.triton_penalty_backward.default,
+    update=torch.ops.shade_ops.triton_update_state.default,
+) if INTERPRETED else None
