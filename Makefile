@@ -34,7 +34,7 @@ test-fast: build
 
 demo: build
 	$(PY) -m shade_ops demo
-	$(PY) -m shade_ops reproduce --quick
+	$(PY) -m shade_ops reproduce --quick --out-dir build/demo
 
 # tests/conftest.py runs Triton through its interpreter where there is no GPU.
 

@@ -1,0 +1,101 @@
+"""The shade-ops command line end to end, on runs small enough for a test."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shade_ops.cli import main
+from shade_ops.experiments import SweepConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def _train(cache, out, *extra):
+    return main(["train", "--dataset", "digits-m", "--model", "mlp", "--samples", "100",
+                 "--epochs", "1", "--regularizer", "shade", "--beta", "0.01", "--seed", "0",
+                 "--width", "32", "--out", str(out), "--cache", cache, "--no-progress",
+                 *extra])
+
+
+def test_train_writes_metrics(tmp_path, cache, capsys):
+    assert _train(cache, tmp_path / "run.json") == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy:" in printed
+    metrics = json.loads((tmp_path / "run.json").read_text())
+    assert 0 <= metrics["test_accuracy"] <= 1 and metrics["train_samples"] == 100
+    assert metrics["steps"] == 4                       # ceil(100 / 32): one epoch
+    assert metrics["final_penalty"] > 0
+    assert metrics["effective"] == {"beta": 0.01, "weight_decay": 0.0, "dropout": 0.0}
+    assert f"{100 * metrics['test_accuracy']:.2f}%" in printed
+
+
+def test_train_is_deterministic(tmp_path, cache):
+    for name in ("a.json", "b.json"):
+        assert _train(cache, tmp_path / name, "--regularizer", "shade+dropout") == 0
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    for key in ("test_accuracy", "val_accuracy", "final_penalty", "final_cross_entropy"):
+        assert a[key] == b[key], key
+
+
+def test_train_missing_dataset_is_a_clear_error(tmp_path, capsys):
+    code = main(["train", "--dataset", "cifar10", "--data-root", str(tmp_path),
+                 "--cache", str(tmp_path), "--no-progress"])
+    assert code == 2
+    assert "cifar-10-batches-py" in capsys.readouterr().err
+
+
+def test_reproduce_tiny_sweep(tmp_path, cache, capsys):
+    out = tmp_path / "results"
+    code = main(["reproduce", "--sizes", "20,40", "--seeds", "2", "--epochs", "1",
+                 "--min-steps", "2", "--model", "mlp", "--width", "16", "--betas", "1e-3,3e-3",
+                 "--weight-decays", "1e-3,5e-3", "--dropouts", "0.25,0.5", "--out-dir", str(out),
+                 "--tag", "tiny", "--cache", cache, "--no-progress"])
+    assert code == 0
+    md = (out / "reproduce_tiny.md").read_text()
+    assert "| 20 |" in md and "| 40 |" in md and "SHADE" in md and "±" in md
+    png = (out / "reproduce_tiny.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    report = json.loads((out / "reproduce_tiny.json").read_text())
+    # 2 sizes x 2 seeds x (1 + 2 + 2 + 2 + 2) runs
+    assert len(report["runs"]) == 36
+    for size in ("20", "40"):
+        chosen = report["results"][size]
+        assert set(chosen) == {"none", "wd", "dropout", "shade", "shade+dropout"}
+        dropout = chosen["dropout"]["params"]["dropout"]
+        assert chosen["shade+dropout"]["params"]["dropout"] == dropout
+        assert len(chosen["shade"]["test"]) == 2
+    assert "36 runs" in capsys.readouterr().out
+
+
+def test_quick_sweep_is_small():
+    quick = SweepConfig.quick()
+    assert quick.run_count() == 20 and quick.regularizers == ("none", "dropout", "shade")
+    assert quick.min_steps == SweepConfig().min_steps   # runs trained as in the full sweep
+    assert SweepConfig().run_count() == 260
+
+
+def test_demo_runs(cache, capsys):
+    assert main(["demo", "--steps", "3", "--timing-steps", "2", "--cache", cache,
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and "SHADE penalty" in printed
+    assert "fused (backend='cpu')" in printed or "timing skipped" in printed
+
+
+def test_python_m_help():
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "shade_ops", "--help"], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for command in ("train", "reproduce", "demo"):
+        assert command in done.stdout

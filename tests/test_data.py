@@ -1,0 +1,164 @@
+"""The datasets: shapes, determinism, the cache, disjoint splits, and the local-folder errors."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from shade_ops import data as data_module
+from shade_ops.data import Split, load_dataset
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def digits_m(cache):
+    return load_dataset("digits-m", seed=0, cache=cache)
+
+
+@pytest.fixture(scope="module")
+def digits(cache):
+    return load_dataset("digits", seed=0, cache=cache)
+
+
+def test_digits_m_shapes_and_balance(digits_m):
+    assert digits_m.in_shape == (3, 28, 28)
+    assert (len(digits_m.train), len(digits_m.val), len(digits_m.test)) == (1000, 300, 497)
+    for split in (digits_m.train, digits_m.val, digits_m.test):
+        assert split.x.dtype == torch.uint8 and split.y.dtype == torch.int64
+        counts = split.y.bincount(minlength=10)
+        # stratified: each class as frequent as in all 1797 digits (174 to 183 of each)
+        assert (counts - len(split) / 10).abs().max() <= 0.04 * len(split) / 10 + 1, \
+            f"unbalanced split: {counts.tolist()}"
+
+
+def test_digits_shares_splits_without_backgrounds(digits, digits_m):
+    assert digits.in_shape == (1, 28, 28)
+    for a, b in ((digits.train, digits_m.train), (digits.test, digits_m.test)):
+        assert torch.equal(a.y, b.y)
+    # digits: black background, the digit centred in the inner 20x20 as MNIST's
+    assert digits.train.x[..., :4, :].max() == 0 and digits.train.x.max() > 200
+    # digits-m: coloured (channels differ) and the background is not black
+    x = digits_m.train.x.float()
+    assert (x[:, 0] - x[:, 1]).abs().mean() > 5
+    assert x[..., :4, :].mean() > 30
+
+
+def test_digits_m_follows_mnist_m_recipe(tmp_path, digits, monkeypatch):
+    # with a known background, each pixel must be |patch - digit|, per channel
+    patch = torch.tensor([30, 120, 250], dtype=torch.uint8).view(1, 3, 1, 1)
+
+    def flat_patches(count, size, rng):
+        return patch.expand(count, 3, size, size).numpy().copy()
+
+    monkeypatch.setattr(data_module, "_random_patches", flat_patches)
+    blended = load_dataset("digits-m", seed=0, cache=tmp_path)
+    expected = (patch.int() - digits.train.x.int()).abs().to(torch.uint8)
+    assert torch.equal(blended.train.x, expected)
+
+
+def test_deterministic_by_seed(tmp_path, digits_m):
+    again = load_dataset("digits-m", seed=0, cache=tmp_path / "other")
+    assert torch.equal(again.train.x, digits_m.train.x)
+    assert torch.equal(again.test.y, digits_m.test.y)
+    other = load_dataset("digits-m", seed=1, cache=tmp_path / "other")
+    assert not torch.equal(other.train.x[:50], digits_m.train.x[:50])
+
+
+def test_cached_on_disk(cache, digits_m, monkeypatch):
+    files = sorted(p.name for p in cache.iterdir())
+    assert "digits-m_v1_seed0.npz" in files and not any("partial" in f for f in files)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated again instead of read from the cache")
+
+    monkeypatch.setattr(data_module, "_make_digits", no_generation)
+    again = load_dataset("digits-m", seed=0, cache=cache)
+    assert torch.equal(again.val.x, digits_m.val.x)
+
+
+def test_cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHADE_OPS_CACHE", str(tmp_path))
+    assert data_module.cache_dir() == tmp_path
+    load_dataset("digits", seed=0)
+    assert (tmp_path / "digits_v1_seed0.npz").exists()
+
+
+def test_splits_disjoint_and_complete(cache, digits_m):
+    with np.load(cache / "digits-m_v1_seed0.npz") as arrays:
+        parts = [set(arrays[p].tolist()) for p in ("train", "val", "test")]
+        total = len(arrays["y"])
+    assert sum(map(len, parts)) == total == 1797
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+
+
+def test_subset_stratified_and_deterministic(digits_m):
+    a = digits_m.train.subset(50, seed=3)
+    b = digits_m.train.subset(50, seed=3)
+    c = digits_m.train.subset(50, seed=4)
+    assert len(a) == 50 and torch.equal(a.x, b.x) and not torch.equal(a.x, c.x)
+    assert a.y.bincount(minlength=10).tolist() == [5] * 10
+    assert len(digits_m.train.subset(23, seed=0)) == 23
+    assert digits_m.train.subset(5000, seed=0) is digits_m.train
+
+
+def test_subset_fills_up_short_classes():
+    split = Split(torch.zeros(12, 1, 2, 2, dtype=torch.uint8),
+                  torch.tensor([0] * 10 + [1] * 2))
+    assert len(split.subset(8, seed=0)) == 8
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("cifar10", "cifar-10-batches-py/data_batch_1"),
+    ("mnist-m", "mnist_m/mnist_m_train_labels.txt"),
+])
+def test_missing_local_dataset_names_layout(tmp_path, name, expected):
+    with pytest.raises(FileNotFoundError) as error:
+        load_dataset(name, root=tmp_path / "nowhere", cache=tmp_path)
+    message = str(error.value)
+    assert expected in message and "--data-root" in message and "nowhere" in message
+
+
+def test_unknown_dataset(tmp_path):
+    with pytest.raises(ValueError, match="digits-m"):
+        load_dataset("mnist", cache=tmp_path)
+
+
+def test_reads_cifar10_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, count in [(f"data_batch_{i}", 6) for i in range(1, 6)] + [("test_batch", 4)]:
+        batch = {"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+                 "labels": rng.integers(0, 10, count).tolist()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    monkeypatch.setattr(data_module, "_LOCAL_VAL", 5)
+    data = load_dataset("cifar10", root=tmp_path, cache=tmp_path / "cache")
+    assert data.in_shape == (3, 32, 32)
+    assert (len(data.train), len(data.val), len(data.test)) == (25, 5, 4)
+
+
+def test_reads_mnist_m_folder(tmp_path, monkeypatch):
+    from skimage.io import imsave
+
+    folder = tmp_path / "mnist_m"
+    rng = np.random.default_rng(0)
+    for part, count in (("train", 7), ("test", 3)):
+        (folder / f"mnist_m_{part}").mkdir(parents=True)
+        lines = []
+        for i in range(count):
+            imsave(folder / f"mnist_m_{part}" / f"{i:08d}.png",
+                   rng.integers(0, 256, (28, 28, 3), dtype=np.uint8), check_contrast=False)
+            lines.append(f"{i:08d}.png {i % 10}")
+        (folder / f"mnist_m_{part}_labels.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(data_module, "_LOCAL_VAL", 2)
+    data = load_dataset("mnist-m", root=tmp_path, cache=tmp_path / "cache")
+    assert data.in_shape == (3, 28, 28)
+    assert (len(data.train), len(data.val), len(data.test)) == (5, 2, 3)
+    assert sorted(data.test.y.tolist()) == [0, 1, 2]
