@@ -22,6 +22,10 @@
 #include "vec_exp.h"
 
 namespace shade_ops {
+
+// The device-generic composite of shade_ops.cpp, for buffers this file's loop does not take.
+void update_state(at::Tensor& p, at::Tensor& mu, const at::Tensor& sums, double decay);
+
 namespace {
 
 using at::vec::Vectorized;
@@ -224,18 +228,31 @@ struct RunSums {
   Vec s{0}, sy{0}, qy{0}, pen{0};
   acc_t ts = 0, tsy = 0, tqy = 0, tpen = 0;
 
+  // Locals, not members, in the loop: a store to `out` could alias a member, and the compiler
+  // would keep the accumulators in memory.
   void add(const acc_t* y, int64_t n, const ForwardCoef<acc_t>& k, acc_t* out) {
+    if (out != nullptr) {
+      add_impl<true>(y, n, k, out);
+    } else {
+      add_impl<false>(y, n, k, nullptr);
+    }
+  }
+
+  template <bool kOut>
+  void add_impl(const acc_t* y, int64_t n, const ForwardCoef<acc_t>& k, acc_t* out) {
     const ForwardCoef<Vec> kv{Vec(k.mu1), Vec(k.a), Vec(k.b)};
+    Vec vs = s, vsy = sy, vqy = qy, vpen = pen;
     int64_t i = 0;
     for (; i + Vec::size() <= n; i += Vec::size()) {
       const Vec v = Vec::loadu(y + i);
       const auto t = terms(v, kv);
-      s += t.s;
-      sy = fma_(t.s, v, sy);
-      qy = fma_(t.q, v, qy);
-      pen += t.pen;
-      if (out != nullptr) relu_(v).store(out + i);
+      vs += t.s;
+      vsy = fma_(t.s, v, vsy);
+      vqy = fma_(t.q, v, vqy);
+      vpen += t.pen;
+      if constexpr (kOut) relu_(v).store(out + i);
     }
+    s = vs, sy = vsy, qy = vqy, pen = vpen;
     for (; i < n; ++i) {
       const acc_t v = y[i];
       const auto t = terms(v, k);
@@ -243,7 +260,7 @@ struct RunSums {
       tsy = fma_(t.s, v, tsy);
       tqy = fma_(t.q, v, tqy);
       tpen += t.pen;
-      if (out != nullptr) out[i] = relu_(v);
+      if constexpr (kOut) out[i] = relu_(v);
     }
   }
 
@@ -300,7 +317,9 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
       }
     });
   } else if (numel > 0) {
-    at::parallel_for(0, C * chunks, 1, [&](int64_t begin, int64_t end) {
+    // a thread gets kGrain elements at least: small layers run inline, with no thread wake-up
+    const int64_t item_grain = std::max<int64_t>(1, kGrain / (std::min(chunk, A) * B));
+    at::parallel_for(0, C * chunks, item_grain, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t c = item / chunks, k = item % chunks;
         const ForwardCoef<acc_t> unit{coef[c], coef[C + c], coef[2 * C + c]};
@@ -428,6 +447,45 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
   return grad;
 }
 
+// ---- the state update -----------------------------------------------------------------
+
+// update_state for contiguous CPU buffers: one loop over the units, in double, with the guards of
+// SPEC section 4 (a composite of ATen ops costs tens of microseconds a layer in op overhead).
+void update_state_cpu(at::Tensor& p, at::Tensor& mu, const at::Tensor& sums, double decay) {
+  if (!p.is_contiguous() || !mu.is_contiguous() || p.scalar_type() != mu.scalar_type()) {
+    update_state(p, mu, sums, decay);
+    return;
+  }
+  TORCH_CHECK(p.dim() == 2 && p.size(0) == 2 && mu.sizes() == p.sizes(),
+              "update_state: p and mu must have shape (2, C)");
+  const int64_t C = p.size(1);
+  TORCH_CHECK(sums.dim() == 2 && sums.size(0) == 4 && sums.size(1) == C,
+              "update_state: sums must have shape (4, C)");
+  const at::Tensor s = sums.to(at::kDouble).contiguous();
+  const double* sp = s.const_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "update_state", [&] {
+    scalar_t* pp = p.mutable_data_ptr<scalar_t>();
+    scalar_t* mp = mu.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      const double count = sp[3 * C + c];
+      const double b[2] = {1 - sp[c] / count, sp[c] / count};
+      const double m[2] = {sp[2 * C + c] / count, sp[C + c] / count};
+      if (!(std::isfinite(b[0]) && std::isfinite(b[1]) && std::isfinite(m[0]) &&
+            std::isfinite(m[1]))) {
+        continue;  // a non-finite batch (or an empty one) leaves the unit as it was
+      }
+      for (int z = 0; z < 2; ++z) {
+        const double new_p = decay * static_cast<double>(pp[z * C + c]) + (1 - decay) * b[z];
+        if (new_p != 0) {  // where p_z is 0, mu_z keeps its value
+          mp[z * C + c] = static_cast<scalar_t>(
+              decay * static_cast<double>(mp[z * C + c]) + (1 - decay) * m[z] / new_p);
+        }
+        pp[z * C + c] = static_cast<scalar_t>(new_p);
+      }
+    }
+  });
+}
+
 // ---- op entry points -------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> penalty_forward(const at::Tensor& y,
@@ -467,6 +525,7 @@ TORCH_LIBRARY_IMPL(shade_ops, CPU, m) {
   m.impl("penalty_forward", &penalty_forward);
   m.impl("relu_penalty_forward", &relu_penalty_forward);
   m.impl("penalty_backward", &penalty_backward);
+  m.impl("update_state", &update_state_cpu);
 }
 
 }  // namespace shade_ops
