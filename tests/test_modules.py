@@ -136,6 +136,20 @@ def test_cpu_bfloat16_autocast_keeps_penalty_and_state_float32():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or "triton" not in
+                    shade_ops.available_backends("cuda"), reason="needs a CUDA GPU and Triton")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_keeps_penalty_and_state_float32(dtype):
+    model = shade_ops.convert(small_cnn()).cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        out = model(torch.randn(4, 3, 7, 7, device="cuda"))
+        penalty = shade_ops.collect(model)
+    assert out.dtype == dtype and penalty.dtype == torch.float32
+    assert all(s.mu.dtype == torch.float32 for s in shade_states(model))
+    penalty.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_skipped_gradscaler_step_leaves_no_trace_in_the_state():
     model = shade_ops.convert(small_cnn())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
