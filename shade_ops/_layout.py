@@ -9,6 +9,11 @@ BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 REDUCTIONS = ("mean", "sum")
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What every backend sums in (SPEC section 2): float64 for float64 input, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def check_inputs(y: torch.Tensor, state: torch.nn.Module, unit_dim: int, reduction: str,
                  backend: str) -> None:
     """Raise the exception SPEC section 6 names for bad input; never touches the state."""

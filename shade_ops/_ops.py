@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from ._layout import accumulation_dtype
+
 try:
     from . import _C  # noqa: F401  (loads the schemas and the CPU kernels into torch.ops.shade_ops)
 except ImportError as error:  # not built: only the reference is available
@@ -23,10 +25,6 @@ else:
 
 BUILD_HINT = ("build it from the project root with `make build` "
               "(or `pip install --no-build-isolation -e .`)")
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from ._layout import check_inputs
+from ._layout import accumulation_dtype, check_inputs
 from .state import ShadeState
 
 __all__ = ["penalty", "relu_penalty", "batch_statistics", "updated_state"]
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def batch_statistics(y: torch.Tensor, mu: torch.Tensor, unit_dim: int = 1,
@@ -23,7 +19,7 @@ def batch_statistics(y: torch.Tensor, mu: torch.Tensor, unit_dim: int = 1,
 
     ``mu`` is the ``(2, C)`` state before this batch's update; it gets no gradient.
     """
-    acc = _accumulation_dtype(y.dtype)
+    acc = accumulation_dtype(y.dtype)
     num_units = y.shape[unit_dim]
     samples = y.movedim(unit_dim, -1).reshape(-1, num_units).to(acc)  # (K, C)
     count = samples.shape[0]
