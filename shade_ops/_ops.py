@@ -147,19 +147,18 @@ def resolve_backend(backend: str, device: torch.device) -> PenaltyOps | None:
     """The ops of ``backend`` for tensors on ``device``; None means the eager reference."""
     global _warned_fallback
     if backend == "auto":
-        preferred = "triton" if device.type == "cuda" else "cpu"
-        if _why_unavailable(preferred, device) is None:
-            backend = preferred
-        else:
+        backend = "triton" if device.type == "cuda" else "cpu"
+        why = _why_unavailable(backend, device)
+        if why is not None:
             if not _warned_fallback:
                 _warned_fallback = True
-                warnings.warn(f"shade_ops: no fused backend for {device} tensors "
-                              f"({_why_unavailable(preferred, device)}); using the eager "
-                              f"reference, which is much slower", stacklevel=3)
+                warnings.warn(f"shade_ops: no fused backend for {device} tensors ({why}); using "
+                              f"the eager reference, which is much slower", stacklevel=3)
             return None
-    why = _why_unavailable(backend, device)
-    if why is not None:
-        raise RuntimeError(f"shade_ops backend {backend!r} is not available: {why}")
+    else:
+        why = _why_unavailable(backend, device)
+        if why is not None:
+            raise RuntimeError(f"shade_ops backend {backend!r} is not available: {why}")
     if backend == "reference":
         return None
     if backend == "cpu":
