@@ -37,24 +37,6 @@ constexpr int kSums = 4;             // sum s, sum s*y, sum q*y, sum of the pena
 
 // ---- element-wise math, written once for scalars and vectors ------------------------------
 
-// q = exp(-max(y, 0)). A NaN in y may give any q: it reaches every sum through y itself.
-template <typename T>
-inline T q_of(T y) {
-  return std::exp(-std::max(y, T(0)));
-}
-template <typename T>
-inline Vectorized<T> q_of(const Vectorized<T>& y) {
-  return exp_nonpositive(Vectorized<T>(T(0)) - at::vec::clamp_min(y, Vectorized<T>(T(0))));
-}
-// relu for the output of ShadeReLU: NaN stays NaN, as in torch.relu.
-template <typename T>
-inline T relu_(T x) {
-  return x != x ? x : std::max(x, T(0));
-}
-template <typename T>
-inline Vectorized<T> relu_(const Vectorized<T>& x) {
-  return at::vec::maximum(x, Vectorized<T>(T(0)));
-}
 // v where y > 0, else 0 (relu'(0) = 0)
 template <typename T>
 inline T where_positive(T y, T v) {
@@ -82,16 +64,26 @@ template <typename V>
 struct ForwardCoef {
   V mu1, a, b;
 };
+
+// The sums of one unit: s, s y, q y, and the penalty in two parts, (y - mu1)^2 and q (a y + b),
+// so that each element costs one fused multiply-add per sum.
 template <typename V>
-struct Terms {
-  V s, q, pen;
+struct Accumulators {
+  V s{0}, sy{0}, qy{0}, d2{0}, qt{0};
+
+  // Adds y's terms; returns relu(y).
+  inline V add(const V& y, const ForwardCoef<V>& k) {
+    const auto t = relu_and_q(y);
+    const V s_y = V(1) - t.q;
+    s += s_y;
+    sy = fma_(s_y, y, sy);
+    qy = fma_(t.q, y, qy);
+    const V d1 = y - k.mu1;
+    d2 = fma_(d1, d1, d2);
+    qt = fma_(t.q, fma_(k.a, y, k.b), qt);
+    return t.r;
+  }
 };
-template <typename V>
-inline Terms<V> terms(V y, const ForwardCoef<V>& k) {
-  const V q = q_of(y);
-  const V d1 = y - k.mu1;
-  return {V(1) - q, q, fma_(d1, d1, q * fma_(k.a, y, k.b))};
-}
 
 // w folded in: c1 = 2 w, c0 = -2 w mu1, wa = w a, wb = w b.
 template <typename V>
@@ -99,9 +91,8 @@ struct BackwardCoef {
   V c1, c0, wa, wb;
 };
 template <typename V>
-inline V gradient(V y, const BackwardCoef<V>& k) {
-  const V q = q_of(y);
-  return fma_(k.c1, y, k.c0) + q * (k.wa - where_positive(y, fma_(k.wa, y, k.wb)));
+inline V gradient(const V& y, const V& q, const BackwardCoef<V>& k) {
+  return fma_(q, k.wa - where_positive(y, fma_(k.wa, y, k.wb)), fma_(k.c1, y, k.c0));
 }
 
 // (mu1, a, b) per unit, as three rows of a (3, C) buffer.
@@ -200,23 +191,22 @@ void forward_rows(const acc_t* y, int64_t rows, int64_t C, const acc_t* coef, ac
   for (int64_t r = 0; r < rows; ++r, y += C) {
     int64_t c = 0;
     for (; c + Vec::size() <= C; c += Vec::size()) {
-      const Vec v = Vec::loadu(y + c);
-      const auto t = terms(v, ForwardCoef<Vec>{Vec::loadu(mu1 + c), Vec::loadu(a + c),
-                                               Vec::loadu(b + c)});
-      (Vec::loadu(ps + c) + t.s).store(ps + c);
-      fma_(t.s, v, Vec::loadu(psy + c)).store(psy + c);
-      fma_(t.q, v, Vec::loadu(pqy + c)).store(pqy + c);
-      (Vec::loadu(ppen + c) + t.pen).store(ppen + c);
-      if (out != nullptr) relu_(v).store(out + r * C + c);
+      Accumulators<Vec> acc{Vec::loadu(ps + c), Vec::loadu(psy + c), Vec::loadu(pqy + c),
+                            Vec::loadu(ppen + c), Vec(0)};
+      const Vec relu = acc.add(Vec::loadu(y + c), ForwardCoef<Vec>{Vec::loadu(mu1 + c),
+                                                                   Vec::loadu(a + c),
+                                                                   Vec::loadu(b + c)});
+      acc.s.store(ps + c);
+      acc.sy.store(psy + c);
+      acc.qy.store(pqy + c);
+      (acc.d2 + acc.qt).store(ppen + c);
+      if (out != nullptr) relu.store(out + r * C + c);
     }
     for (; c < C; ++c) {
-      const acc_t v = y[c];
-      const auto t = terms(v, ForwardCoef<acc_t>{mu1[c], a[c], b[c]});
-      ps[c] += t.s;
-      psy[c] = fma_(t.s, v, psy[c]);
-      pqy[c] = fma_(t.q, v, pqy[c]);
-      ppen[c] += t.pen;
-      if (out != nullptr) out[r * C + c] = relu_(v);
+      Accumulators<acc_t> acc{ps[c], psy[c], pqy[c], ppen[c], 0};
+      const acc_t relu = acc.add(y[c], ForwardCoef<acc_t>{mu1[c], a[c], b[c]});
+      ps[c] = acc.s, psy[c] = acc.sy, pqy[c] = acc.qy, ppen[c] = acc.d2 + acc.qt;
+      if (out != nullptr) out[r * C + c] = relu;
     }
   }
 }
@@ -225,11 +215,9 @@ void forward_rows(const acc_t* y, int64_t rows, int64_t C, const acc_t* coef, ac
 template <typename acc_t>
 struct RunSums {
   using Vec = Vectorized<acc_t>;
-  Vec s{0}, sy{0}, qy{0}, pen{0};
-  acc_t ts = 0, tsy = 0, tqy = 0, tpen = 0;
+  Accumulators<Vec> lanes;
+  Accumulators<acc_t> tail;
 
-  // Locals, not members, in the loop: a store to `out` could alias a member, and the compiler
-  // would keep the accumulators in memory.
   void add(const acc_t* y, int64_t n, const ForwardCoef<acc_t>& k, acc_t* out) {
     if (out != nullptr) {
       add_impl<true>(y, n, k, out);
@@ -238,29 +226,21 @@ struct RunSums {
     }
   }
 
+  // Local copies in the loop: a store to `out` could alias a member, and the compiler would keep
+  // the sums in memory.
   template <bool kOut>
   void add_impl(const acc_t* y, int64_t n, const ForwardCoef<acc_t>& k, acc_t* out) {
     const ForwardCoef<Vec> kv{Vec(k.mu1), Vec(k.a), Vec(k.b)};
-    Vec vs = s, vsy = sy, vqy = qy, vpen = pen;
+    Accumulators<Vec> acc = lanes;
     int64_t i = 0;
     for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec v = Vec::loadu(y + i);
-      const auto t = terms(v, kv);
-      vs += t.s;
-      vsy = fma_(t.s, v, vsy);
-      vqy = fma_(t.q, v, vqy);
-      vpen += t.pen;
-      if constexpr (kOut) relu_(v).store(out + i);
+      const Vec relu = acc.add(Vec::loadu(y + i), kv);
+      if constexpr (kOut) relu.store(out + i);
     }
-    s = vs, sy = vsy, qy = vqy, pen = vpen;
+    lanes = acc;
     for (; i < n; ++i) {
-      const acc_t v = y[i];
-      const auto t = terms(v, k);
-      ts += t.s;
-      tsy = fma_(t.s, v, tsy);
-      tqy = fma_(t.q, v, tqy);
-      tpen += t.pen;
-      if constexpr (kOut) out[i] = relu_(v);
+      const acc_t relu = tail.add(y[i], k);
+      if constexpr (kOut) out[i] = relu;
     }
   }
 
@@ -269,10 +249,10 @@ struct RunSums {
            tail;
   }
   void store(acc_t* partial) const {
-    partial[0] = total(s, ts);
-    partial[1] = total(sy, tsy);
-    partial[2] = total(qy, tqy);
-    partial[3] = total(pen, tpen);
+    partial[0] = total(lanes.s, tail.s);
+    partial[1] = total(lanes.sy, tail.sy);
+    partial[2] = total(lanes.qy, tail.qy);
+    partial[3] = total(lanes.d2 + lanes.qt, tail.d2 + tail.qt);
   }
 };
 
@@ -370,12 +350,14 @@ void gradient_run(const acc_t* y, const acc_t* go, acc_t* g, int64_t n, acc_t c1
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     const Vec v = Vec::loadu(y + i);
-    Vec gv = gradient(v, BackwardCoef<Vec>{Vec(c1), vec_at(c0, i), vec_at(wa, i), vec_at(wb, i)});
+    Vec gv = gradient(v, relu_and_q(v).q,
+                      BackwardCoef<Vec>{Vec(c1), vec_at(c0, i), vec_at(wa, i), vec_at(wb, i)});
     if (go != nullptr) gv += where_positive(v, Vec::loadu(go + i));
     gv.store(g + i);
   }
   for (; i < n; ++i) {
-    acc_t gv = gradient(y[i], BackwardCoef<acc_t>{c1, at_(c0, i), at_(wa, i), at_(wb, i)});
+    acc_t gv = gradient(y[i], relu_and_q(y[i]).q,
+                        BackwardCoef<acc_t>{c1, at_(c0, i), at_(wa, i), at_(wb, i)});
     if (go != nullptr) gv += where_positive(y[i], go[i]);
     g[i] = gv;
   }

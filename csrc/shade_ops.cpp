@@ -6,10 +6,25 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// An importable module, so that `import shade_ops._C` loads the op registrations below.
+// The vector instructions the CPU kernels were compiled for (setup.py picks them).
+#if defined(CPU_CAPABILITY_AVX512)
+#define SHADE_OPS_CPU_CAPABILITY "avx512"
+#elif defined(CPU_CAPABILITY_AVX2)
+#define SHADE_OPS_CPU_CAPABILITY "avx2"
+#else
+#define SHADE_OPS_CPU_CAPABILITY "default"
+#endif
+
+// An importable module, so that `import shade_ops._C` loads the op registrations below; it says
+// which instructions it needs in CPU_CAPABILITY.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && PyModule_AddStringConstant(m, "CPU_CAPABILITY", SHADE_OPS_CPU_CAPABILITY) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 
 namespace shade_ops {

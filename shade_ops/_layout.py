@@ -46,6 +46,9 @@ def units_view(y: torch.Tensor, unit_dim: int) -> torch.Tensor:
     B. Only permute and reshape are used, so autograd maps the gradient back to y's own layout.
     """
     unit_dim = unit_dim % y.dim()
+    shape = y.shape
+    if y.is_contiguous():  # the common case, without the sort below
+        return y.view(math.prod(shape[:unit_dim]), shape[unit_dim], math.prod(shape[unit_dim + 1:]))
     order = _memory_order(y)
     if order != list(range(y.dim())):
         y = y.permute(order)
@@ -56,6 +59,8 @@ def units_view(y: torch.Tensor, unit_dim: int) -> torch.Tensor:
 def from_units_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Undo :func:`units_view`: a contiguous ``(A, C, B)`` tensor back to ``like``'s shape and
     memory format."""
+    if like.is_contiguous():
+        return t.view(like.shape)
     order = _memory_order(like)
     t = t.reshape([like.shape[d] for d in order])
     return t if order == list(range(like.dim())) else t.permute(_inverse(order))

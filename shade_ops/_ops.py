@@ -1,7 +1,7 @@
 """The registered ops: fake implementations, autograd formulas and the backend table.
 
-The schemas live in ``csrc/shade_ops.cpp`` (``TORCH_LIBRARY(shade_ops, m)``); the CPU kernels in
-``csrc/penalty_cpu.cpp``; the CUDA kernels of the same ops are the Triton launchers of
+The schemas live in ``csrc/shade_ops.cpp`` (``TORCH_LIBRARY(shade_ops, m)``), their autograd
+formulas in ``csrc/autograd.cpp``; the CPU kernels in ``csrc/penalty_cpu.cpp``; the CUDA kernels of the same ops are the Triton launchers of
 ``_triton.py``. Every family of ops gets its fake and autograd registrations from
 :func:`register_penalty_ops`, so they are written once.
 """
@@ -27,6 +27,22 @@ BUILD_HINT = ("build it from the project root with `make build` "
               "(or `pip install --no-build-isolation -e .`)")
 
 
+def cpu_kernels_unusable(capability: str) -> str | None:
+    """Why CPU kernels compiled for ``capability`` ("avx512", "avx2" or "default") cannot run on
+    this CPU, or None when they can. setup.py compiles for the building machine's CPU: run on
+    another one, the kernels would die on an illegal instruction."""
+    supported = {"avx512": getattr(torch.cpu, "_is_avx512_supported", lambda: True),
+                 "avx2": getattr(torch.cpu, "_is_avx2_supported", lambda: True)}
+    if capability in supported and not supported[capability]():
+        return (f"shade_ops._C was compiled for {capability.upper()}, which this CPU does not "
+                f"have: {BUILD_HINT} on this machine")
+    return None
+
+
+CPU_KERNELS_ERROR = cpu_kernels_unusable(getattr(_C, "CPU_CAPABILITY", "default")) \
+    if NATIVE_IMPORT_ERROR is None else None
+
+
 @dataclass(frozen=True)
 class PenaltyOps:
     """One backend's ops, all taking y as a 3-D ``(A, C, B)`` view."""
@@ -37,8 +53,12 @@ class PenaltyOps:
     update: Callable         # (p, mu, sums, decay) -> None, in place
 
 
-def register_penalty_ops(forward, relu_forward, backward) -> None:
-    """Fake implementations and autograd formulas for one family of penalty ops."""
+def register_penalty_ops(forward, relu_forward, backward, *, autograd: bool = True) -> None:
+    """Fake implementations and autograd formulas for one family of penalty ops.
+
+    ``autograd=False``: the ops have their formulas already (the native ops have them in C++,
+    ``csrc/autograd.cpp``, with the same meaning as the Python ones here).
+    """
 
     def fake_forward(y, mu, reduction):
         acc = accumulation_dtype(y.dtype)
@@ -70,6 +90,8 @@ def register_penalty_ops(forward, relu_forward, backward) -> None:
     torch.library.register_fake(forward)(fake_forward)
     torch.library.register_fake(relu_forward)(fake_relu_forward)
     torch.library.register_fake(backward)(fake_backward)
+    if not autograd:
+        return
     torch.library.register_autograd(forward, backward_penalty, setup_context=setup_context)
     torch.library.register_autograd(relu_forward, backward_relu_penalty,
                                     setup_context=setup_context)
@@ -78,7 +100,7 @@ def register_penalty_ops(forward, relu_forward, backward) -> None:
 if NATIVE_IMPORT_ERROR is None:
     register_penalty_ops(torch.ops.shade_ops.penalty_forward.default,
                          torch.ops.shade_ops.relu_penalty_forward.default,
-                         torch.ops.shade_ops.penalty_backward.default)
+                         torch.ops.shade_ops.penalty_backward.default, autograd=False)
     NATIVE_OPS: PenaltyOps | None = PenaltyOps(
         forward=torch.ops.shade_ops.penalty_forward.default,
         relu_forward=torch.ops.shade_ops.relu_penalty_forward.default,
@@ -110,7 +132,7 @@ def _why_unavailable(name: str, device: torch.device) -> str | None:
                    + BUILD_HINT
         if device.type != "cpu":
             return f"backend 'cpu' runs on CPU tensors, and y is on {device}"
-        return None
+        return CPU_KERNELS_ERROR
     if name == "triton":
         module, why = _triton_module()
         if module is None:

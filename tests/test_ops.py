@@ -272,6 +272,71 @@ def test_same_bits_whatever_the_thread_count(shape):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+# ---- the native exp, and gradients left undefined ---------------------------------------
+
+@native
+@pytest.mark.parametrize("units", [4096 + 5, 1])
+def test_native_exp_within_2_ulp(units):
+    """With one sample per unit, the sum of q*y is q*y itself: q = exp(-y) within 2 ulp (the
+    kernel's exp is within 1.3 ulp, and the product and this division round once each), on the
+    vector lanes and on the scalar tail, from 0 up to 87 (below that exp is subnormal)."""
+    y = torch.linspace(1e-6, 87.0, units) if units > 1 else torch.tensor([3.7])
+    _, sums, _ = torch.ops.shade_ops.penalty_forward(y.view(1, units, 1),
+                                                      ShadeState(units).mu, "sum")
+    q = sums[2].double() / y.double()
+    expected = torch.exp(-y.double())
+    ulp = torch.finfo(torch.float32).eps * expected  # relative spacing of float32, 2**-23
+    assert ((q - expected).abs() <= 2 * ulp).all(), ((q - expected).abs() / ulp).max()
+    s_error = (sums[0].double() - (1 - expected)).abs()
+    assert (s_error <= 2 * torch.finfo(torch.float32).eps).all()
+
+
+def _ops_run(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.name for event in prof.events()}
+
+
+@native
+def test_relu_gradient_alone_when_the_penalty_is_left_out():
+    """Autograd does not materialise the penalty's gradient: a ShadeReLU whose penalty is not in
+    the loss costs only ReLU's backward, and gives exactly its gradient."""
+    y = random_activations((6, 5, 7), seed=3).requires_grad_()
+    g = torch.randn(6, 5, 7)
+    act = shade_ops.ShadeReLU(backend="cpu")
+    out = act(y)
+    grads = []
+    ran = _ops_run(lambda: grads.append(torch.autograd.grad(out, y, g)[0]))
+    (expected,) = torch.autograd.grad(torch.relu(y), y, g)
+    assert torch.equal(grads[0], expected)
+    assert "shade_ops::penalty_backward" not in ran
+
+
+@native
+def test_penalty_gradient_alone_when_the_output_is_left_out():
+    y = random_activations((6, 5, 7), seed=4).requires_grad_()
+    act = shade_ops.ShadeReLU(backend="cpu")
+    act(y)
+    grads = []
+    ran = _ops_run(lambda: grads.append(torch.autograd.grad(act.penalty, y)[0]))
+    (expected,) = torch.autograd.grad(shade_ops.penalty(y, ShadeState(5), backend="cpu"), y)
+    assert torch.equal(grads[0], expected)
+    assert "shade_ops::penalty_backward" in ran
+
+
+def test_kernels_built_for_missing_instructions_are_refused(monkeypatch):
+    """setup.py compiles for the building CPU; on a CPU without those instructions the kernels
+    would die on an illegal instruction, so the cpu backend says so instead."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: False)
+    why = _ops.cpu_kernels_unusable("avx512")
+    assert why is not None and "AVX512" in why and "make build" in why
+    assert _ops.cpu_kernels_unusable("default") is None
+    monkeypatch.setattr(_ops, "CPU_KERNELS_ERROR", why)
+    assert "cpu" not in shade_ops.available_backends("cpu")
+    with pytest.raises(RuntimeError, match="AVX512"):
+        shade_ops.penalty(random_activations((5, 3), seed=1), ShadeState(3), backend="cpu")
+
+
 # ---- without the extension --------------------------------------------------------------
 
 def test_without_extension_auto_warns_once_and_cpu_says_how_to_build(monkeypatch):
