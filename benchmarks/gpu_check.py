@@ -1,5 +1,6 @@
 """The one-call GPU check (`make gpu-check`): install, the CUDA tests, and the speed of the Triton
-kernels against the eager reference and torch.compile of it, in under 8 minutes.
+kernels against the eager reference and torch.compile of it, and of SHADE in a model, in under 8
+minutes.
 
     python benchmarks/gpu_check.py                 # CUDA machine with torch and Triton, no network
     python benchmarks/gpu_check.py --dry-run       # CPU smoke test: tiny shapes, the interpreter
@@ -10,10 +11,23 @@ On the GPU it (1) runs `pip install --no-deps --no-build-isolation -e .` from th
 device-to-device copy bandwidth, then times forward, backward and forward+backward of the penalty
 (training mode: the state update included) for Triton, the eager reference and torch.compile of the
 reference, float32 and bfloat16, at the benchmark shapes: `triton.testing.do_bench` medians of the
-Python call (what a caller sees) and of a CUDA-graph replay of it (device time alone), (4) with the
-time left, tries other tile sizes and program counts of the Triton kernels, and (5) runs the other
-tests that name cuda. Each step is cut to fit the budget. Achieved bandwidth counts the bytes that
-must move: the forward reads y; the backward reads y and writes the gradient.
+Python call (what a caller sees) and of a CUDA-graph replay of it (device time alone), (4) measures
+issue 4's two model-level ratios: `ShadeReLU(backend="triton")` in training mode against
+`nn.ReLU` at (128, 64, 16, 16), forward and forward+backward side by side on the same input (the
+goal: forward+backward at most 1.1x), and the training step of a CIFAR ResNet-20 (batch 128 of
+3x32x32 float32, cross-entropy, SGD with momentum 0.9, cudnn.benchmark on) after
+`shade_ops.convert(model, backend="triton")` with `1e-3 * shade_ops.collect(model)` in the loss
+against the same step without SHADE, contiguous and channels_last: warm-up steps, then the median
+over rounds of synchronised steps, the two variants taking turns so that drift hits both, and the
+median of CUDA-graph replays of one step (the goal: SHADE adds at most 3%), (5) with the time
+left, tries other tile sizes and program counts of the Triton kernels, and (6) runs the other
+tests that name cuda. Each step is cut to fit the budget; the penalty benchmark leaves
+MODEL_SECONDS to step (4). Achieved bandwidth counts the bytes that must move: the forward reads
+y; the backward reads y and writes the gradient.
+
+--dry-run runs steps (3) and (4) on the CPU through the Triton interpreter, at tiny shapes: the
+penalty at DRY_RUN_SHAPES, ShadeReLU at 3x5x4x6, and a ResNet-8 of width 4 on a batch of two
+3x8x8 images (1 warm-up step and 2 rounds of 1 step): 10-20 s on two CPU cores.
 
 Results: gpu_check.json and gpu_check_<date>_<device>.md under $OUT when OUT is set, and the
 markdown under benchmarks/results/.
@@ -52,6 +66,21 @@ GOAL_COPY_FRACTION = 0.8     # forward and backward, each, of the copy bandwidth
 GOAL_SPEEDUP = 1.2           # forward+backward over torch.compile of the reference
 COPY_BYTES = 1 << 30         # the tensor copied to measure the bandwidth (1 GiB)
 
+# The model-level step (issue 4): ShadeReLU against nn.ReLU at one shape, and a CIFAR ResNet's
+# training step with SHADE on every layer against the same step without.
+RELU_SHAPE = (128, 64, 16, 16)
+DRY_RUN_RELU_SHAPE = (3, 5, 4, 6)
+RELU_PHASES = ["forward", "forward+backward"]
+# batch and image of the input; blocks and width of shade_ops.models.ResNet (blocks=3: ResNet-20);
+# warm-up steps, then rounds of `steps` steps of each variant, interleaved
+RESNET = dict(batch=128, image=(3, 32, 32), blocks=3, width=16, warmup=10, rounds=15, steps=10)
+DRY_RUN_RESNET = dict(batch=2, image=(3, 8, 8), blocks=1, width=4, warmup=1, rounds=2, steps=1)
+MEMORY_FORMATS = ["contiguous", "channels_last"]
+SHADE_BETA = 1e-3            # loss = cross_entropy + SHADE_BETA * shade_ops.collect(model)
+MODEL_SECONDS = 60.0         # what the penalty benchmark leaves to the model-level step
+GOAL_RELU_RATIO = 1.1        # ShadeReLU forward+backward over nn.ReLU's, at most
+GOAL_STEP_OVERHEAD = 0.03    # SHADE on every layer, of the ResNet-20 training step, at most
+
 
 # ---- what runs anywhere ------------------------------------------------------------------
 
@@ -77,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-compile", action="store_true",
                         help="leave out torch.compile of the reference")
     parser.add_argument("--no-sweep", action="store_true", help="leave out the tile sweep")
+    parser.add_argument("--no-model", action="store_true",
+                        help="leave out the model-level step (ShadeReLU against nn.ReLU, and the "
+                             "ResNet-20 training step with and without SHADE)")
     parser.add_argument("--budget", type=float, default=450.0,
                         help="seconds for the whole check; later steps are cut to fit")
     parser.add_argument("--rep-ms", type=float, default=40.0,
@@ -202,25 +234,32 @@ def goals(rows: list[Row], shapes: list[tuple]) -> list[dict]:
                                   ("graph", r.graph_copy_fraction)):
                 checks.append(dict(shape=list(r.shape), dtype=r.dtype, phase=r.phase,
                                    timing=timing, goal=f">= {GOAL_COPY_FRACTION:.0%} of copy",
-                                   value=value, met=None if value is None
+                                   value=value, unit="%", met=None if value is None
                                    else value >= GOAL_COPY_FRACTION))
         else:
             up = ups.get((tuple(r.shape), r.dtype, r.phase), (None, None))
             for timing, value in zip(("do_bench", "graph"), up):
                 checks.append(dict(shape=list(r.shape), dtype=r.dtype, phase=r.phase,
                                    timing=timing, goal=f">= {GOAL_SPEEDUP}x torch.compile",
-                                   value=value, met=None if value is None
+                                   value=value, unit="x", met=None if value is None
                                    else value >= GOAL_SPEEDUP))
     return checks
+
+
+def _shown(value: float | None, unit: str) -> str:
+    """A goal's value: 'x' a ratio (1.23x), '%' a fraction (81%), '+%' an overhead (+2.1%)."""
+    if value is None:
+        return "-"
+    return {"x": f"{value:.2f}x", "%": f"{value:.0%}", "+%": f"{value:+.1%}"}[unit]
 
 
 def goals_markdown(checks: list[dict]) -> str:
     lines = ["| shape | dtype | phase | timing | goal | value | met |",
              "|---|---|---|---|---|---|---|"]
     for c in checks:
-        value = c["value"]
-        shown = "-" if value is None else (f"{value:.2f}x" if "compile" in c["goal"]
-                                           else f"{value:.0%}")
+        # reports written before checks had a unit: the speed-ups were those over compile
+        unit = c.get("unit") or ("x" if "compile" in c["goal"] else "%")
+        shown = _shown(c["value"], unit)
         met = {True: "yes", False: "NO", None: "-"}[c["met"]]
         lines.append(f"| {'x'.join(map(str, c['shape']))} | {c['dtype']} | {c['phase']} | "
                      f"{c['timing']} | {c['goal']} | {shown} | {met} |")
@@ -314,6 +353,19 @@ def run_tests(budget: Budget, which: str) -> dict:
 
 # ---- timing ------------------------------------------------------------------------------
 
+def quantiles(times: list[float]) -> list[float]:
+    """[p20, median, p80] of times, interpolated linearly between ranks as do_bench's are."""
+    times = sorted(times)
+
+    def at(q: float) -> float:
+        position = q * (len(times) - 1)
+        below = int(position)
+        above = min(below + 1, len(times) - 1)
+        return times[below] + (times[above] - times[below]) * (position - below)
+
+    return [at(0.2), statistics.median(times), at(0.8)]
+
+
 def _cpu_bench(fn, reps: int = 5) -> list[float]:
     """(p20, median, p80) ms of fn on the CPU."""
     fn()
@@ -322,8 +374,7 @@ def _cpu_bench(fn, reps: int = 5) -> list[float]:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return [times[int(0.2 * (reps - 1))], statistics.median(times), times[int(0.8 * (reps - 1))]]
+    return quantiles(times)
 
 
 def graph_ms(make_fn, rep_ms: float) -> float:
@@ -411,7 +462,9 @@ def _penalty_calls(impl: str, y, state):
     return (lambda: forward), make_backward, (lambda: both)
 
 
-def benchmark(args, budget: Budget, copy_gbs: float | None) -> list[Row]:
+def benchmark(args, budget: Budget, copy_gbs: float | None, reserve: float = 0.0) -> list[Row]:
+    """The penalty's rows at args.shapes and args.dtypes; an implementation is skipped when it
+    would leave less than `reserve` seconds (for the steps after it) of the budget."""
     import torch
 
     import shade_ops
@@ -425,7 +478,7 @@ def benchmark(args, budget: Budget, copy_gbs: float | None) -> list[Row]:
             for impl in IMPLEMENTATIONS:
                 if impl == "compile" and args.skip_compile:
                     continue
-                if budget.left() < (90.0 if impl == "compile" else 20.0):
+                if budget.left() < (90.0 if impl == "compile" else 20.0) + reserve:
                     rows += [Row(shape, dtype_name, p, impl, note="skipped: time budget")
                              for p in PHASES]
                     continue
@@ -510,6 +563,293 @@ def sweep_markdown(results: list[dict]) -> str:
         lines.append(f"| {setting} | {'x'.join(map(str, e['shape']))} | "
                      f"{e['dtype']} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
+
+
+# ---- model level: ShadeReLU against nn.ReLU, and a ResNet's training step ----------------
+
+@dataclass
+class ModelRow:
+    """One model-level measurement with SHADE (impl "shade", the Triton backend) or without
+    ("plain"): of model "ReLU" (ShadeReLU against nn.ReLU) or of a ResNet's training step."""
+
+    model: str                       # "ReLU", or "ResNet-20" and the like
+    shape: tuple                     # the input's
+    dtype: str
+    phase: str                       # "forward", "forward+backward" or "training step"
+    impl: str                        # "shade" or "plain"
+    memory_format: str = "contiguous"
+    ms: float | None = None          # median of do_bench (ReLU), or over rounds of steps
+    ms_p20: float | None = None
+    ms_p80: float | None = None
+    graph_ms: float | None = None    # median of CUDA-graph replays: device time alone
+    rounds: int | None = None        # training step: the rounds timed
+    note: str = ""
+
+
+def model_ratios(rows: list[ModelRow]) -> dict:
+    """(model, shape, dtype, phase, memory_format) -> (ratio, graph ratio): shade's time over
+    plain's."""
+    by_key = {(r.model, tuple(r.shape), r.dtype, r.phase, r.memory_format, r.impl): r
+              for r in rows}
+    result = {}
+    for (*key, impl), row in by_key.items():
+        plain = by_key.get((*key, "plain"))
+        if impl != "shade" or plain is None:
+            continue
+        result[tuple(key)] = (
+            row.ms / plain.ms if row.ms and plain.ms else None,
+            row.graph_ms / plain.graph_ms if row.graph_ms and plain.graph_ms else None)
+    return result
+
+
+def model_goals(rows: list[ModelRow]) -> list[dict]:
+    """Issue 4's goals, as checks like goals()'s: ShadeReLU's forward+backward at most 1.1x
+    nn.ReLU's, and SHADE on every layer adding at most 3% to the ResNet's training step (each
+    memory format measured). Judged on the Python-call (do_bench) or synchronised-step (wall)
+    times and on graph (device-only) times."""
+    checks = []
+    for (model, shape, dtype, phase, memory_format), ratios in model_ratios(rows).items():
+        if model == "ReLU" and phase == "forward+backward":
+            label, timings, values = "ShadeReLU forward+backward", ("do_bench", "graph"), ratios
+            goal, unit, limit = f"<= {GOAL_RELU_RATIO}x nn.ReLU", "x", GOAL_RELU_RATIO
+        elif phase == "training step":
+            label = f"{model} training step" + (
+                "" if memory_format == "contiguous" else f", {memory_format}")
+            timings = ("wall", "graph")
+            values = tuple(None if ratio is None else ratio - 1.0 for ratio in ratios)
+            goal, unit, limit = (f"<= +{GOAL_STEP_OVERHEAD:.0%} without SHADE", "+%",
+                                 GOAL_STEP_OVERHEAD)
+        else:
+            continue  # ShadeReLU's forward alone: shown in the table, no goal
+        for timing, value in zip(timings, values):
+            checks.append(dict(shape=list(shape), dtype=dtype, phase=label, timing=timing,
+                               goal=goal, value=value, unit=unit,
+                               met=None if value is None else value <= limit))
+    return checks
+
+
+def model_table(rows: list[ModelRow]) -> str:
+    """The model-level rows as one markdown table, shade's time over plain's on shade's rows."""
+    ratios = model_ratios(rows)
+    header = ["model", "input", "dtype", "format", "phase", "impl", "median ms (p20-p80)",
+              "graph ms", "shade / plain", "graph shade / plain", "note"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        ratio = ratios.get((r.model, tuple(r.shape), r.dtype, r.phase, r.memory_format),
+                           (None, None)) if r.impl == "shade" else (None, None)
+        spread = "" if r.ms_p20 is None else f" ({r.ms_p20:.4f}-{r.ms_p80:.4f})"
+        rounds = "" if r.rounds is None else f", {r.rounds} rounds"
+        lines.append("| " + " | ".join([
+            r.model, "x".join(map(str, r.shape)), r.dtype, r.memory_format, r.phase, r.impl,
+            _fmt(r.ms, ".4f") + spread + rounds if r.ms is not None else "-",
+            _fmt(r.graph_ms, ".4f"), _fmt(ratio[0], ".3f", "x"), _fmt(ratio[1], ".3f", "x"),
+            r.note.replace("|", "/")]) + " |")
+    return "\n".join(lines)
+
+
+MODEL_TEXT = (
+    "shade: `shade_ops.ShadeReLU(backend=\"triton\")` in training mode (the state update "
+    "included), or the ResNet after `shade_ops.convert(model, backend=\"triton\")` with "
+    f"`{SHADE_BETA:g} * shade_ops.collect(model)` added to the loss; plain: `nn.ReLU`, or the "
+    "ResNet as built. ReLU: do_bench medians of the Python call, the backward one "
+    "`autograd.grad((out, penalty), y, (g, 1))` (plain: `autograd.grad(out, y, g)`). Training "
+    "step: cross-entropy, SGD with momentum 0.9, cudnn.benchmark on; the median over rounds of "
+    "steps timed between device synchronisations, the two variants taking turns in each round; "
+    "graph: do_bench median of a CUDA-graph replay of one step.")
+
+
+def _relu_calls(impl: str, y, g):
+    """Makers of the (forward, forward+backward) callables of ShadeReLU(backend="triton") in
+    training mode (impl "shade") or of nn.ReLU ("plain") on y. The backward is one
+    autograd.grad, of out with gradient g and of the penalty with gradient 1: the loss's
+    gradients, without timing a reduction to a loss."""
+    import torch
+
+    import shade_ops
+
+    if impl == "shade":
+        module = shade_ops.ShadeReLU(backend="triton").train()
+        one = torch.ones((), device=y.device)
+
+        def both():
+            out = module(y)
+            return torch.autograd.grad((out, module.penalty), y, (g, one))
+    else:
+        module = torch.nn.ReLU()
+
+        def both():
+            return torch.autograd.grad(module(y), y, g)
+
+    return (lambda: lambda: module(y)), (lambda: both)
+
+
+def relu_benchmark(args, budget: Budget) -> list[ModelRow]:
+    """ShadeReLU against nn.ReLU on the same input (RELU_SHAPE; DRY_RUN_RELU_SHAPE with
+    --dry-run), forward and forward+backward, each of args.dtypes, timed side by side."""
+    import torch
+
+    shape = DRY_RUN_RELU_SHAPE if args.dry_run else RELU_SHAPE
+    rows = []
+    for dtype_name in args.dtypes:
+        if budget.left() < 30.0:
+            rows += [ModelRow("ReLU", shape, dtype_name, phase, impl, note="skipped: time budget")
+                     for phase in RELU_PHASES for impl in ("shade", "plain")]
+            continue
+        y = torch.randn(shape, dtype=getattr(torch, dtype_name),
+                        device=args.device).requires_grad_()
+        g = torch.randn_like(y)
+        calls, notes = {}, {}
+        for impl in ("shade", "plain"):
+            calls[impl] = _relu_calls(impl, y, g)
+            start = time.monotonic()
+            try:
+                calls[impl][1]()()  # compiles the kernels and makes the state, not timed
+            except Exception as error:  # noqa: BLE001  (report, keep going)
+                calls[impl] = None
+                notes[impl] = f"failed: {error!r:.200}"
+                continue
+            warm = time.monotonic() - start
+            notes[impl] = f"warm-up {warm:.0f}s" if warm > 5 else ""
+        for index, phase in enumerate(RELU_PHASES):
+            for impl in ("shade", "plain"):  # side by side: the same input, one after the other
+                row = ModelRow("ReLU", shape, dtype_name, phase, impl, note=notes[impl])
+                if calls[impl] is not None:
+                    try:
+                        (row.ms_p20, row.ms, row.ms_p80), row.graph_ms, note = time_call(
+                            calls[impl][index], args.device, args.rep_ms)
+                        row.note = (row.note + " " + note).strip()
+                    except Exception as error:  # noqa: BLE001
+                        row.note = f"failed: {error!r:.200}"
+                rows.append(row)
+        del y, g, calls
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _training_step(model, x, target, shade: bool):
+    """One SGD step (momentum 0.9) of model on (x, target), as a callable; with shade, the loss
+    adds SHADE_BETA times the penalties of the model's SHADE layers."""
+    import torch
+
+    import shade_ops
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x), target)
+        if shade:
+            loss = loss + SHADE_BETA * shade_ops.collect(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def interleaved_steps(steps: dict, device: str, rounds: int, per_round: int, budget: Budget,
+                      min_left: float = 0.0) -> dict:
+    """name -> ms per call of steps[name] in each round. A round runs `per_round` calls of each
+    callable in turn, timed between device synchronisations; the order reverses every other
+    round, so that drift (clocks, heat) and what one variant leaves behind hit all alike. After
+    3 rounds, stops early when less than `min_left` seconds of the budget are left."""
+    names = list(steps)
+    times: dict = {name: [] for name in names}
+    for index in range(rounds):
+        if index >= 3 and budget.left() < min_left:
+            break
+        for name in names if index % 2 == 0 else names[::-1]:
+            _synchronize(device)
+            start = time.perf_counter()
+            for _ in range(per_round):
+                steps[name]()
+            _synchronize(device)
+            times[name].append((time.perf_counter() - start) * 1e3 / per_round)
+    return times
+
+
+def resnet_benchmark(args, budget: Budget) -> list[ModelRow]:
+    """The training step of the CIFAR ResNet of RESNET (DRY_RUN_RESNET with --dry-run), float32,
+    with SHADE on every layer and without, in each of MEMORY_FORMATS while the budget lasts."""
+    import torch
+
+    config = DRY_RUN_RESNET if args.dry_run else RESNET
+    name = f"ResNet-{6 * config['blocks'] + 2}"
+    shape = (config["batch"], *config["image"])
+    rows = []
+    tuned = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # as a training script has it: SHADE against tuned convs
+    try:
+        for memory_format in MEMORY_FORMATS:
+            if budget.left() < (60.0 if memory_format == "contiguous" else 45.0):
+                rows += [ModelRow(name, shape, "float32", "training step", impl, memory_format,
+                                  note="skipped: time budget") for impl in ("shade", "plain")]
+                continue
+            try:
+                rows += _resnet_rows(name, shape, config, memory_format, args, budget)
+            except Exception as error:  # noqa: BLE001  (report, keep going)
+                rows += [ModelRow(name, shape, "float32", "training step", impl, memory_format,
+                                  note=f"failed: {error!r:.200}") for impl in ("shade", "plain")]
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        torch.backends.cudnn.benchmark = tuned
+    return rows
+
+
+def _resnet_rows(name: str, shape: tuple, config: dict, memory_format: str, args,
+                 budget: Budget) -> list[ModelRow]:
+    """The shade and plain rows of one memory format: medians over interleaved rounds of
+    synchronised steps, and on a GPU the median of CUDA-graph replays of one step (device time
+    alone: what the launches cost aside)."""
+    import torch
+
+    import shade_ops
+    from shade_ops.models import build_model
+
+    layout = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    x = torch.randn(shape, device=args.device).contiguous(memory_format=layout)
+    target = torch.randint(0, 10, (shape[0],), device=args.device)
+    steps, notes = {}, {}
+    for impl in ("shade", "plain"):
+        torch.manual_seed(0)  # the same weights for both
+        model = build_model("resnet", config["image"], 10, blocks=config["blocks"],
+                            width=config["width"])
+        if impl == "shade":
+            shade_ops.convert(model, backend="triton")
+        model = model.to(device=args.device, memory_format=layout).train()
+        steps[impl] = _training_step(model, x, target, shade=impl == "shade")
+        start = time.monotonic()
+        for _ in range(config["warmup"]):  # the first compiles the kernels, tunes the convs
+            steps[impl]()
+        _synchronize(args.device)
+        warm = time.monotonic() - start
+        notes[impl] = f"warm-up {warm:.0f}s" if warm > 5 else ""
+    times = interleaved_steps(steps, args.device, config["rounds"], config["steps"], budget,
+                              min_left=20.0)
+    rows = []
+    for impl in ("shade", "plain"):
+        row = ModelRow(name, shape, "float32", "training step", impl, memory_format,
+                       rounds=len(times[impl]), note=notes[impl])
+        row.ms_p20, row.ms, row.ms_p80 = quantiles(times[impl])
+        rows.append(row)
+    if args.device == "cuda":
+        for row in rows:
+            if budget.left() < 30.0:
+                row.note = (row.note + " graph skipped: time budget").strip()
+                continue
+            try:
+                row.graph_ms = graph_ms(lambda step=steps[row.impl]: step, 2 * args.rep_ms)
+            except Exception as error:  # noqa: BLE001  (a step that cannot be captured)
+                row.note = (row.note + f" graph: {type(error).__name__}: {error!s:.80}").strip()
+    return rows
 
 
 # ---- compile-only: the GPU kernels without a GPU -----------------------------------------
@@ -653,7 +993,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     report: dict = dict(started=datetime.datetime.now().isoformat(timespec="seconds"),
                         args={k: v for k, v in vars(args).items()}, tests=[], rows=[],
-                        goals=[], sweep=[], copy_gbs=None)
+                        model_rows=[], goals=[], sweep=[], copy_gbs=None)
     try:
         _check(args, budget, report)
     except BaseException as error:  # noqa: BLE001  (whatever happened, write what there is)
@@ -692,9 +1032,15 @@ def _check(args, budget: Budget, report: dict) -> None:
     report["copy_gbs"] = copy_gbs = copy_bandwidth(
         args.device, args.rep_ms, COPY_BYTES if args.device == "cuda" else 1 << 22)
     print(f"copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
-    rows = benchmark(args, budget, copy_gbs)
+    rows = benchmark(args, budget, copy_gbs, reserve=0.0 if args.no_model else MODEL_SECONDS)
     report["rows"] = [asdict(r) for r in rows]
     report["goals"] = goals(rows, args.shapes)
+    if not args.no_model:
+        print("model level: ShadeReLU, ResNet training step ...", flush=True)
+        model_rows = relu_benchmark(args, budget)
+        model_rows += resnet_benchmark(args, budget)
+        report["model_rows"] = [asdict(r) for r in model_rows]
+        report["goals"] += model_goals(model_rows)
     if not args.no_sweep and args.device == "cuda":
         report["sweep"] = sweep(args, budget, copy_gbs)
     if not args.skip_tests:
@@ -704,6 +1050,8 @@ def _check(args, budget: Budget, report: dict) -> None:
 def report_markdown(report: dict) -> str:
     versions = report["versions"]
     rows = [Row(**{**r, "shape": tuple(r["shape"])}) for r in report["rows"]]
+    model_rows = [ModelRow(**{**r, "shape": tuple(r["shape"])})
+                  for r in report.get("model_rows", [])]
     return "\n\n".join(filter(None, [
         f"# shade_ops GPU check: {versions['device_name']}",
         f"{report['started']}; torch {versions['torch']}, triton {versions['triton']}, commit "
@@ -713,6 +1061,7 @@ def report_markdown(report: dict) -> str:
         "\n".join(f"- `{t.get('command')}`: {t.get('summary') or t.get('skipped') or 'see JSON'}"
                   for t in report["tests"]),
         markdown_table(rows, report["copy_gbs"]) if rows else "",
+        f"## Model level\n\n{MODEL_TEXT}\n\n{model_table(model_rows)}" if model_rows else "",
         "## Goals\n\n" + goals_markdown(report["goals"]) if report["goals"] else "",
         ("## Tile sweep (Triton, graph times)\n\n" + sweep_markdown(report["sweep"]))
         if report["sweep"] else "",

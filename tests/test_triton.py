@@ -9,6 +9,7 @@ and skip without one; `make gpu-check` runs them.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import inspect
 import json
@@ -614,9 +615,10 @@ def test_gpu_check_arguments():
     gc = _gpu_check()
     args = gc.parse_args([])
     assert args.device == "cuda" and args.shapes == gc.SHAPES and args.dtypes == gc.DTYPES
-    assert not args.skip_install and not args.dry_run
+    assert not args.skip_install and not args.dry_run and not args.no_model
     dry = gc.parse_args(["--dry-run", "--shape", "3x4x5", "--dtype", "float32"])
     assert dry.device == "cpu" and dry.skip_install and dry.skip_tests and dry.skip_compile
+    assert not dry.no_model  # the dry run goes through the model-level step too
     assert dry.shapes == [(3, 4, 5)] and dry.dtypes == ["float32"]
     assert gc.parse_shape("256x64x56x56") == (256, 64, 56, 56)
     for bad in ("7", "3xa", "0x4"):
@@ -656,6 +658,81 @@ def test_gpu_check_bytes_and_table():
         "3 passed, 1 skipped in 2.0s"
 
 
+def test_gpu_check_model_goals_and_tables():
+    """Issue 4's ratios from made-up rows: ShadeReLU over nn.ReLU, and what SHADE adds to the
+    ResNet's training step; their goals, tables and report section."""
+    gc = _gpu_check()
+    relu, step = (128, 64, 16, 16), (128, 3, 32, 32)
+    rows = [gc.ModelRow("ReLU", relu, "float32", "forward", "shade", ms=0.03, graph_ms=0.02),
+            gc.ModelRow("ReLU", relu, "float32", "forward", "plain", ms=0.01, graph_ms=0.01),
+            gc.ModelRow("ReLU", relu, "float32", "forward+backward", "shade", ms=0.05,
+                        ms_p20=0.04, ms_p80=0.06, graph_ms=0.05),
+            gc.ModelRow("ReLU", relu, "float32", "forward+backward", "plain", ms=0.05,
+                        graph_ms=0.04),
+            gc.ModelRow("ResNet-20", step, "float32", "training step", "shade", ms=10.2,
+                        rounds=15, note="graph: RuntimeError: capture"),
+            gc.ModelRow("ResNet-20", step, "float32", "training step", "plain", ms=10.0,
+                        rounds=15),
+            gc.ModelRow("ResNet-20", step, "float32", "training step", "shade", "channels_last",
+                        ms=11.0, graph_ms=8.0, rounds=15),
+            gc.ModelRow("ResNet-20", step, "float32", "training step", "plain", "channels_last",
+                        ms=10.0, graph_ms=8.0, rounds=15)]
+    ratios = gc.model_ratios(rows)
+    assert ratios[("ReLU", relu, "float32", "forward", "contiguous")] == pytest.approx((3, 2))
+    assert len(ratios) == 4
+    checks = gc.model_goals(rows)
+    found = {(c["phase"], c["timing"]): (c["value"], c["met"]) for c in checks}
+    assert found == {
+        ("ShadeReLU forward+backward", "do_bench"): (pytest.approx(1.0), True),
+        ("ShadeReLU forward+backward", "graph"): (pytest.approx(1.25), False),
+        ("ResNet-20 training step", "wall"): (pytest.approx(0.02), True),
+        ("ResNet-20 training step", "graph"): (None, None),
+        ("ResNet-20 training step, channels_last", "wall"): (pytest.approx(0.1), False),
+        ("ResNet-20 training step, channels_last", "graph"): (pytest.approx(0.0), True)}
+    assert all(c["shape"] in (list(relu), list(step)) for c in checks)
+    table = gc.goals_markdown(checks)
+    for cells in ("<= 1.1x nn.ReLU | 1.00x | yes |", "<= 1.1x nn.ReLU | 1.25x | NO |",
+                  "<= +3% without SHADE | +2.0% | yes |", "<= +3% without SHADE | - | - |",
+                  "<= +3% without SHADE | +10.0% | NO |", "<= +3% without SHADE | +0.0% | yes |"):
+        assert cells in table
+    # checks saved before they had a unit read as they did
+    old = dict(shape=[2, 3], dtype="float32", phase="forward+backward", timing="graph",
+               goal=">= 1.2x torch.compile", value=1.5, met=True)
+    table = gc.goals_markdown([old, {**old, "goal": ">= 80% of copy", "value": 0.81}])
+    assert "| 1.50x | yes |" in table and "| 81% | yes |" in table
+    table = gc.model_table(rows)
+    assert table.count("\n| ReLU | 128x64x16x16 | float32 | contiguous |") == 4
+    assert "| 0.0500 (0.0400-0.0600) | 0.0500 | 1.000x | 1.250x |" in table
+    assert "| 10.2000, 15 rounds | - | 1.020x | - | graph: RuntimeError: capture |" in table
+    skipped = gc.ModelRow("ResNet-20", step, "float32", "training step", "shade",
+                          note="skipped: time budget")
+    assert "| - | - | - | - | skipped: time budget |" in gc.model_table([skipped])
+    assert gc.model_goals([skipped]) == []
+    report = dict(versions=dict(device_name="NVIDIA H200", torch="2.13", triton="3.5"),
+                  started="today", tests=[], rows=[], goals=checks, sweep=[], copy_gbs=None,
+                  seconds=1.0, model_rows=[dataclasses.asdict(r) for r in rows])
+    markdown = gc.report_markdown(json.loads(json.dumps(report)))  # as saved: lists, not tuples
+    assert "## Model level" in markdown and "ResNet-20 training step, channels_last" in markdown
+    assert "| ResNet-20 | 128x3x32x32 | float32 | channels_last | training step | shade |" \
+        in markdown
+    del report["model_rows"]  # a report from before the model level
+    assert "## Model level" not in gc.report_markdown(report)
+
+
+def test_gpu_check_interleaved_steps_and_quantiles():
+    gc = _gpu_check()
+    calls = []
+    steps = {"shade": lambda: calls.append("s"), "plain": lambda: calls.append("p")}
+    times = gc.interleaved_steps(steps, "cpu", rounds=4, per_round=2, budget=gc.Budget(60))
+    assert "".join(calls) == "sspp" "ppss" "sspp" "ppss"  # the order turns every other round
+    assert all(len(ms) == 4 and min(ms) >= 0 for ms in times.values())
+    late = gc.interleaved_steps(steps, "cpu", rounds=10, per_round=1, budget=gc.Budget(0),
+                                min_left=5)
+    assert [len(ms) for ms in late.values()] == [3, 3]  # at least 3 rounds, then the budget
+    assert gc.quantiles([4.0, 1.0, 3.0, 2.0, 5.0]) == pytest.approx([1.8, 3.0, 4.2])
+    assert gc.quantiles([2.0]) == [2.0, 2.0, 2.0]
+
+
 def test_gpu_check_runs_commands_without_raising():
     gc = _gpu_check()
     done = gc.run_command([sys.executable, "-c", "print('== 2 passed in 0.1s ==')"], 60)
@@ -669,14 +746,29 @@ def test_gpu_check_runs_commands_without_raising():
 
 @needs_interpreter
 def test_gpu_check_dry_run(tmp_path):
-    """The whole check on tiny shapes through the interpreter: timings, table, JSON, files."""
+    """The whole check on tiny shapes through the interpreter: timings, the model level, table,
+    JSON, files."""
     gc = _gpu_check()
     report = gc.main(["--dry-run", "--shape", "3x4x5", "--dtype", "float32",
                       "--out", str(tmp_path / "out"), "--results-dir", str(tmp_path / "results")])
     assert {r["impl"] for r in report["rows"]} == {"triton", "eager"}
     assert all(r["ms"] and r["ms"] > 0 for r in report["rows"])
+    # the model level at its dry-run sizes: ShadeReLU against nn.ReLU, a ResNet-8's step
+    model = report["model_rows"]
+    assert {(r["model"], r["phase"], r["memory_format"], r["impl"]) for r in model} == \
+        {("ReLU", phase, "contiguous", impl) for phase in gc.RELU_PHASES
+         for impl in ("shade", "plain")} | \
+        {("ResNet-8", "training step", layout, impl) for layout in gc.MEMORY_FORMATS
+         for impl in ("shade", "plain")}
+    assert all(r["ms"] and r["ms"] > 0 for r in model), [r["note"] for r in model]
+    assert all(r["rounds"] == 2 for r in model if r["model"] == "ResNet-8")
+    assert {"ShadeReLU forward+backward", "ResNet-8 training step",
+            "ResNet-8 training step, channels_last"} <= {c["phase"] for c in report["goals"]}
     saved = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert saved["versions"]["device_name"] == "cpu" and len(saved["rows"]) == 6
+    assert len(saved["model_rows"]) == 8
     markdown = list((tmp_path / "results").glob("gpu_check_*_cpu.md"))
-    assert len(markdown) == 1 and "| 3x4x5 | float32 | forward | triton |" in \
-        markdown[0].read_text()
+    assert len(markdown) == 1
+    text = markdown[0].read_text()
+    assert "| 3x4x5 | float32 | forward | triton |" in text and "## Model level" in text
+    assert "| ResNet-8 | 2x3x8x8 | float32 | channels_last | training step | shade |" in text
