@@ -38,11 +38,13 @@ demo: build
 
 # tests/conftest.py runs Triton through its interpreter where there is no GPU.
 
-# Speed on this machine: pytest-benchmark runs side by side, then the tables the README quotes.
+# Speed on this machine: pytest-benchmark runs side by side, then the tables the README quotes;
+# then the ResNet training step with and without SHADE, in shuffled interleaved rounds.
 bench: build
 	mkdir -p benchmarks/results
 	$(PY) -m pytest benchmarks -p no:cacheprovider --benchmark-json=benchmarks/results/cpu.json
 	$(PY) benchmarks/report.py benchmarks/results/cpu.json
+	$(PY) benchmarks/resnet_step.py --out benchmarks/results/resnet_step.json
 
 # On a CUDA machine with torch and Triton already installed (no network needed).
 gpu-check:
