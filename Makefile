@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build test test-fast demo bench gpu-check clean
+.PHONY: setup build test test-fast demo bench gpu-check exp-ulp clean
 
 setup: $(STAMP)
 
@@ -52,3 +52,12 @@ gpu-check:
 
 clean:
 	rm -rf build shade_ops/*.so $(VENV) .pytest_cache .benchmarks
+
+# The exhaustive accuracy check of the CPU kernels' exp (csrc/tools/exp_ulp.cpp), built with the
+# flags setup.py gives the extension on this machine.
+exp-ulp: $(STAMP)
+	mkdir -p build
+	c++ -O2 -std=c++17 $$($(PY) -c "import setup; print(*[f for f in setup.cpu_flags() if f != '-fopenmp'])") \
+		$$($(PY) -c "from torch.utils import cpp_extension as c; print(*['-I' + p for p in c.include_paths()])") \
+		csrc/tools/exp_ulp.cpp -o build/exp_ulp
+	./build/exp_ulp

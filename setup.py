@@ -93,7 +93,8 @@ def _torch_has_cuda() -> bool:
     return torch.version.cuda is not None
 
 
-setup(
-    ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-)
+if __name__ == "__main__":  # pip and `python setup.py` both run it so; `import setup` does not
+    setup(
+        ext_modules=[extension()],
+        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    )
