@@ -728,23 +728,13 @@ def relu_benchmark(args, budget: Budget) -> list[ModelRow]:
 
 
 def _training_step(model, x, target, shade: bool):
-    """One SGD step (momentum 0.9) of model on (x, target), as a callable; with shade, the loss
-    adds SHADE_BETA times the penalties of the model's SHADE layers."""
-    import torch
+    """The step of benchmarks/resnet_step.py (SGD, loss + SHADE_BETA * collect(model))."""
+    if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import resnet_step
 
-    import shade_ops
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        loss = torch.nn.functional.cross_entropy(model(x), target)
-        if shade:
-            loss = loss + SHADE_BETA * shade_ops.collect(model)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+    assert resnet_step.BETA == SHADE_BETA
+    return resnet_step.training_step(model, x, target, shade)
 
 
 def _synchronize(device: str) -> None:

@@ -80,10 +80,16 @@ def make_step(variant: str, batch: int, size: int, blocks: int):
         shade_ops.convert(model, backend="cpu" if variant == "shade_ops" else "reference")
     elif variant == "relu-keep-y":
         _replace_relus(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, size, size, generator=generator)
     target = torch.randint(0, 10, (batch,), generator=generator)
+    return training_step(model, x, target, shade)
+
+
+def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, shade: bool):
+    """One SGD step (momentum 0.9) of model on (x, target), as a callable; with shade, the loss
+    adds BETA times the penalties of the model's SHADE layers. (gpu_check.py times it too.)"""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step() -> None:
         loss = nn.functional.cross_entropy(model(x), target)
