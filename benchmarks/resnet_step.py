@@ -167,8 +167,9 @@ def markdown(report: dict) -> str:
         lines.append(f"| {row['variant']} | {row['median_ms']:.1f} ({row['iqr_ms']:.1f}) | "
                      f"{overhead} |")
     a = report["args"]
+    eager_rounds = max(1, a["rounds"] // 4)
     lines += ["", f"ResNet-{6 * a['blocks'] + 2}, batch {a['batch']} of 3x{a['size']}x{a['size']} "
-              f"float32, SGD; {a['rounds']} shuffled rounds (shade-eager: {max(1, a['rounds'] // 4)}) "
+              f"float32, SGD; {a['rounds']} shuffled rounds (shade-eager: {eager_rounds}) "
               f"after {a['warmup']} warm-up steps; "
               f"{report['machine']}, {report['threads']} threads, torch {report['torch']}, "
               f"shade_ops CPU kernels built for {report['cpu_capability']}; run {report['date']}."]
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--blocks", type=int, default=3, help="basic blocks per stage (3: ResNet-20)")
+    parser.add_argument("--blocks", type=int, default=3,
+                        help="basic blocks per stage (3: ResNet-20)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, from {VARIANTS}")
     parser.add_argument("--out", help="write the JSON here, and the markdown next to it (.md)")

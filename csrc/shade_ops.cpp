@@ -20,7 +20,8 @@
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   PyObject* m = PyModule_Create(&module);
-  if (m != nullptr && PyModule_AddStringConstant(m, "CPU_CAPABILITY", SHADE_OPS_CPU_CAPABILITY) < 0) {
+  if (m != nullptr &&
+      PyModule_AddStringConstant(m, "CPU_CAPABILITY", SHADE_OPS_CPU_CAPABILITY) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -46,9 +46,10 @@ def units_view(y: torch.Tensor, unit_dim: int) -> torch.Tensor:
     B. Only permute and reshape are used, so autograd maps the gradient back to y's own layout.
     """
     unit_dim = unit_dim % y.dim()
-    shape = y.shape
     if y.is_contiguous():  # the common case, without the sort below
-        return y.view(math.prod(shape[:unit_dim]), shape[unit_dim], math.prod(shape[unit_dim + 1:]))
+        shape = y.shape
+        return y.view(math.prod(shape[:unit_dim]), shape[unit_dim],
+                      math.prod(shape[unit_dim + 1:]))
     order = _memory_order(y)
     if order != list(range(y.dim())):
         y = y.permute(order)

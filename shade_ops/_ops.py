@@ -1,9 +1,10 @@
 """The registered ops: fake implementations, autograd formulas and the backend table.
 
 The schemas live in ``csrc/shade_ops.cpp`` (``TORCH_LIBRARY(shade_ops, m)``), their autograd
-formulas in ``csrc/autograd.cpp``; the CPU kernels in ``csrc/penalty_cpu.cpp``; the CUDA kernels of the same ops are the Triton launchers of
-``_triton.py``. Every family of ops gets its fake and autograd registrations from
-:func:`register_penalty_ops`, so they are written once.
+formulas in ``csrc/autograd.cpp``; the CPU kernels in ``csrc/penalty_cpu.cpp``; the CUDA kernels
+of the same ops are the Triton launchers of ``_triton.py``. Every family of ops gets its fake
+registrations from :func:`register_penalty_ops`, and its autograd formulas too when it has none in
+C++ (the interpreter ops of ``_triton.py``), so they are written once.
 """
 from __future__ import annotations
 
@@ -78,13 +79,19 @@ def register_penalty_ops(forward, relu_forward, backward, *, autograd: bool = Tr
         ctx.save_for_backward(y, mu_copy)
         ctx.reduction = reduction
         ctx.mark_non_differentiable(output[1], mu_copy)
+        ctx.set_materialize_grads(False)  # as in C++: an unused output costs no backward work
 
     def backward_penalty(ctx, grad_penalty, grad_sums, grad_mu_copy):
+        if grad_penalty is None:
+            return None, None, None
         y, mu = ctx.saved_tensors
         return backward(grad_penalty, y, mu, ctx.reduction, None), None, None
 
     def backward_relu_penalty(ctx, grad_penalty, grad_sums, grad_out, grad_mu_copy):
         y, mu = ctx.saved_tensors
+        if grad_penalty is None:  # the ReLU's backward alone
+            grad = None if grad_out is None else torch.ops.aten.threshold_backward(grad_out, y, 0)
+            return grad, None, None
         return backward(grad_penalty, y, mu, ctx.reduction, grad_out), None, None
 
     torch.library.register_fake(forward)(fake_forward)

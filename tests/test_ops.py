@@ -297,31 +297,32 @@ def _ops_run(fn) -> set[str]:
     return {event.name for event in prof.events()}
 
 
-@native
-def test_relu_gradient_alone_when_the_penalty_is_left_out():
+BACKWARD_OPS = {"cpu": "shade_ops::penalty_backward", "triton": "shade_ops::triton_penalty_backward"}
+
+
+def test_relu_gradient_alone_when_the_penalty_is_left_out(backend):
     """Autograd does not materialise the penalty's gradient: a ShadeReLU whose penalty is not in
     the loss costs only ReLU's backward, and gives exactly its gradient."""
     y = random_activations((6, 5, 7), seed=3).requires_grad_()
     g = torch.randn(6, 5, 7)
-    act = shade_ops.ShadeReLU(backend="cpu")
+    act = shade_ops.ShadeReLU(backend=backend)
     out = act(y)
     grads = []
     ran = _ops_run(lambda: grads.append(torch.autograd.grad(out, y, g)[0]))
     (expected,) = torch.autograd.grad(torch.relu(y), y, g)
     assert torch.equal(grads[0], expected)
-    assert "shade_ops::penalty_backward" not in ran
+    assert BACKWARD_OPS[backend] not in ran
 
 
-@native
-def test_penalty_gradient_alone_when_the_output_is_left_out():
+def test_penalty_gradient_alone_when_the_output_is_left_out(backend):
     y = random_activations((6, 5, 7), seed=4).requires_grad_()
-    act = shade_ops.ShadeReLU(backend="cpu")
+    act = shade_ops.ShadeReLU(backend=backend)
     act(y)
     grads = []
     ran = _ops_run(lambda: grads.append(torch.autograd.grad(act.penalty, y)[0]))
-    (expected,) = torch.autograd.grad(shade_ops.penalty(y, ShadeState(5), backend="cpu"), y)
+    (expected,) = torch.autograd.grad(shade_ops.penalty(y, ShadeState(5), backend=backend), y)
     assert torch.equal(grads[0], expected)
-    assert "shade_ops::penalty_backward" in ran
+    assert BACKWARD_OPS[backend] in ran
 
 
 def test_kernels_built_for_missing_instructions_are_refused(monkeypatch):
