@@ -171,13 +171,16 @@ struct Shape {
   int64_t A, C, B;
 };
 
+// y is (A, C, B), or (A, C, ...) whose trailing dims merge into B (as a contiguous copy of it lies
+// in memory: the kernels read y.contiguous()).
 inline Shape check_inputs(const at::Tensor& y, const at::Tensor& mu) {
-  TORCH_CHECK(y.dim() == 3, "shade_ops: y must be viewed as (A, C, B), got ", y.dim(), " dims");
+  TORCH_CHECK(y.dim() >= 2, "shade_ops: y must be (A, C, B) or (A, C, ...), got ", y.dim(),
+              " dims");
   TORCH_CHECK(at::isFloatingType(y.scalar_type()), "shade_ops: y must be floating point");
   TORCH_CHECK(mu.dim() == 2 && mu.size(0) == 2 && mu.size(1) == y.size(1),
               "shade_ops: mu must have shape (2, C) with C = ", y.size(1));
   TORCH_CHECK(y.device() == mu.device(), "shade_ops: y and mu must be on one device");
-  return {y.size(0), y.size(1), y.size(2)};
+  return {y.size(0), y.size(1), c10::multiply_integers(y.sizes().slice(2))};
 }
 
 inline bool is_mean(c10::string_view reduction) {
@@ -412,7 +415,7 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
     grad_out = grad_out_in->to(y.scalar_type()).contiguous();
   }
   const scalar_t* gop = grad_out.defined() ? grad_out.const_data_ptr<scalar_t>() : nullptr;
-  at::Tensor grad = at::empty({A, C, B}, y.options());
+  at::Tensor grad = at::empty(y.sizes(), y.options());
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
 
@@ -503,7 +506,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> penalty_forward(const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> relu_penalty_forward(
     const at::Tensor& y, const at::Tensor& mu, c10::string_view reduction) {
   const bool mean = is_mean(reduction);
-  auto out = at::empty({y.size(0), y.size(1), y.size(2)}, y.options());
+  auto out = at::empty(y.sizes(), y.options());
   std::tuple<at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "relu_penalty_forward",
                                   [&] { result = forward_impl<scalar_t>(y, mu, mean, &out); });

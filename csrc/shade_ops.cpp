@@ -1,7 +1,9 @@
 // The op schemas of shade_ops, declared once for every backend, and the state update.
 //
-// Every op takes the activations as a 3-D view (A, C, B): C units, each with K = A * B samples.
-// shade_ops/_layout.py builds that view once in Python for every backend.
+// Every op takes the activations as (A, C, B): C units, each with K = A * B samples; or as
+// (A, C, ...), whose trailing dims merge into B, which spares a contiguous NCHW tensor a view
+// (and its autograd node). shade_ops/_layout.py builds the argument once in Python for every
+// backend. relu(y) and the gradient come back in y's shape, contiguous.
 #include <ATen/ATen.h>
 #include <Python.h>
 #include <torch/library.h>
@@ -64,7 +66,7 @@ TORCH_LIBRARY(shade_ops, m) {
       "relu_penalty_forward(Tensor y, Tensor mu, str reduction) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // d penalty / d y times grad_penalty (SPEC section 3), plus grad_out * (y > 0) when grad_out
-  // is given (the backward of the fused ShadeReLU). Returns a contiguous (A, C, B) tensor.
+  // is given (the backward of the fused ShadeReLU). Returns a contiguous tensor of y's shape.
   m.def(
       "penalty_backward(Tensor grad_penalty, Tensor y, Tensor mu, str reduction, "
       "Tensor? grad_out=None) -> Tensor");

@@ -38,6 +38,21 @@ def check_inputs(y: torch.Tensor, state: torch.nn.Module, unit_dim: int, reducti
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def op_input(y: torch.Tensor, unit_dim: int) -> torch.Tensor:
+    """What the ops receive: ``y`` itself when it is contiguous with its units on dim 1 (the ops
+    merge the trailing dims themselves, and autograd needs no view node either way), else
+    :func:`units_view`. :func:`from_op_output` undoes it."""
+    if y.dim() >= 2 and unit_dim % y.dim() == 1 and y.is_contiguous():
+        return y
+    return units_view(y, unit_dim)
+
+
+def from_op_output(t: torch.Tensor, like: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+    """An op's output of the shape of its input ``given = op_input(like, ...)`` (relu(y)) back to
+    ``like``'s shape and memory format."""
+    return t if given is like else from_units_view(t, like)
+
+
 def units_view(y: torch.Tensor, unit_dim: int) -> torch.Tensor:
     """``y`` as ``(A, C, B)``: C units, each with A * B samples, without a copy when y is dense.
 

@@ -46,7 +46,7 @@ CPU_KERNELS_ERROR = cpu_kernels_unusable(getattr(_C, "CPU_CAPABILITY", "default"
 
 @dataclass(frozen=True)
 class PenaltyOps:
-    """One backend's ops, all taking y as a 3-D ``(A, C, B)`` view."""
+    """One backend's ops, all taking y as ``(A, C, B)`` or ``(A, C, ...)``."""
 
     forward: Callable        # (y, mu, reduction) -> (penalty, sums, copy of mu)
     relu_forward: Callable   # (y, mu, reduction) -> (penalty, sums, relu(y), copy of mu)

@@ -8,7 +8,8 @@ The same launchers serve two dispatch entries:
   ops ``shade_ops::triton_*``, since the interpreter runs Triton on CPU tensors but the CPU
   dispatch entry of the native ops belongs to the C++ kernels.
 
-y arrives as the ``(A, C, B)`` view of ``_layout.units_view``, with any strides. The forward is one
+y arrives as the ``(A, C, B)`` view of ``_layout.units_view``, with any strides, or as a contiguous
+``(A, C, ...)`` whose trailing dims are merged here (``_layout.op_input``). The forward is one
 pass over y that writes per-program partial sums, then a small kernel that adds them in a fixed
 order (and, for many units, one more that adds the per-block penalties): no floating-point atomics,
 so results are bitwise reproducible. How the work is cut depends only on the shape. Nothing here
@@ -18,6 +19,7 @@ that uses them can be captured in a CUDA graph.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import struct
 
@@ -416,10 +418,15 @@ def _launcher(fn):
     return quiet
 
 
+def _as_3d(y: torch.Tensor) -> torch.Tensor:
+    """(A, C, ...) as (A, C, B): a view where the strides allow (always for a contiguous y)."""
+    if y.dim() < 2:
+        raise RuntimeError(f"shade_ops: y must be (A, C, B) or (A, C, ...), got {y.dim()} dims")
+    return y if y.dim() == 3 else y.reshape(y.shape[0], y.shape[1], math.prod(y.shape[2:]))
+
+
 def _check(y: torch.Tensor, mu: torch.Tensor, reduction: str) -> bool:
-    """Checks the op arguments; returns whether the reduction is the mean."""
-    if y.dim() != 3:
-        raise RuntimeError(f"shade_ops: y must be viewed as (A, C, B), got {y.dim()} dims")
+    """Checks the op arguments (y as (A, C, B)); returns whether the reduction is the mean."""
     if not y.is_floating_point():
         raise RuntimeError(f"shade_ops: y must be floating point, got {y.dtype}")
     if mu.dim() != 2 or mu.shape[0] != 2 or mu.shape[1] != y.shape[1]:
@@ -511,7 +518,7 @@ def penalty_forward(y: torch.Tensor, mu: torch.Tensor,
                     reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The penalty of SPEC section 2, the (4, C) batch sums (sum s, sum s*y, sum q*y, K) and a
     contiguous copy of mu (what autograd keeps for the backward)."""
-    penalty, sums, _, mu_copy = _forward(y, mu, reduction, with_relu=False)
+    penalty, sums, _, mu_copy = _forward(_as_3d(y), mu, reduction, with_relu=False)
     return penalty, sums, mu_copy
 
 
@@ -520,23 +527,27 @@ def relu_penalty_forward(
         y: torch.Tensor, mu: torch.Tensor,
         reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(penalty, sums, relu(y), copy of mu): :func:`penalty_forward` plus relu(y), a contiguous
-    (A, C, B) tensor written in the same pass."""
-    return _forward(y, mu, reduction, with_relu=True)
+    tensor of y's shape written in the same pass."""
+    penalty, sums, out, mu_copy = _forward(_as_3d(y), mu, reduction, with_relu=True)
+    return penalty, sums, out.view(y.shape), mu_copy
 
 
 @_launcher
 def penalty_backward(grad_penalty: torch.Tensor, y: torch.Tensor, mu: torch.Tensor,
                      reduction: str, grad_out: torch.Tensor | None = None) -> torch.Tensor:
     """grad_penalty * d penalty / d y (SPEC section 3), plus grad_out * (y > 0) when grad_out is
-    given (the fused ShadeReLU), as a contiguous (A, C, B) tensor of y's dtype."""
+    given (the fused ShadeReLU), as a contiguous tensor of y's shape and dtype."""
+    shape = y.shape
+    if grad_out is not None and grad_out.shape != shape:
+        raise RuntimeError(f"shade_ops: grad_out must have y's shape {tuple(shape)}, got "
+                           f"{tuple(grad_out.shape)}")
+    y = _as_3d(y)
+    grad_out = _as_3d(grad_out) if grad_out is not None else None
     mean = _check(y, mu, reduction)
     A, C, B = y.shape
-    grad = torch.empty((A, C, B), dtype=y.dtype, device=y.device)
+    grad = torch.empty(shape, dtype=y.dtype, device=y.device)
     if grad.numel() == 0:
         return grad
-    if grad_out is not None and tuple(grad_out.shape) != (A, C, B):
-        raise RuntimeError(f"shade_ops: grad_out must have y's shape {(A, C, B)}, got "
-                           f"{tuple(grad_out.shape)}")
     if grad_penalty.device != y.device:
         grad_penalty = grad_penalty.to(y.device)
     ncol = C * B

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._layout import check_inputs, from_units_view, units_view
+from ._layout import check_inputs, from_op_output, op_input
 from ._ops import PenaltyOps, resolve_backend
 from .state import ShadeState
 
@@ -44,7 +44,7 @@ def penalty(y: torch.Tensor, state: ShadeState, *, unit_dim: int = 1, reduction:
     if ops is None:
         return reference.penalty(y, state, unit_dim=unit_dim, reduction=reduction,
                                  update=update, backend=backend)
-    value, sums, _ = ops.forward(units_view(y, unit_dim), state.mu, reduction)
+    value, sums, _ = ops.forward(op_input(y, unit_dim), state.mu, reduction)
     _update(ops, state, sums, update)
     return value
 
@@ -62,6 +62,7 @@ def relu_penalty(y: torch.Tensor, state: ShadeState, *, unit_dim: int = 1,
     if ops is None:
         return reference.relu_penalty(y, state, unit_dim=unit_dim, reduction=reduction,
                                       update=update, backend=backend)
-    value, sums, out, _ = ops.relu_forward(units_view(y, unit_dim), state.mu, reduction)
+    given = op_input(y, unit_dim)
+    value, sums, out, _ = ops.relu_forward(given, state.mu, reduction)
     _update(ops, state, sums, update)
-    return from_units_view(out, y), value
+    return from_op_output(out, y, given), value

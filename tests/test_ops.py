@@ -28,7 +28,7 @@ def assert_same_state(state: ShadeState, before: dict) -> None:
 
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(6, 5, 7), (9, 4, 1)])
+@pytest.mark.parametrize("shape", [(6, 5, 7), (9, 4, 1), (4, 3, 2, 3), (7, 6)])
 def test_opcheck_penalty_ops(shape, dtype):
     y = random_activations(shape, dtype, seed=1).requires_grad_()
     mu = ShadeState(shape[1]).mu.clone()
@@ -42,6 +42,28 @@ def test_opcheck_penalty_ops(shape, dtype):
                               (grad_penalty, y.detach(), mu, reduction, None))
         torch.library.opcheck(ops.penalty_backward.default,
                               (grad_penalty, y.detach(), mu, reduction, torch.randn_like(y)))
+
+
+def test_ops_take_trailing_dims_as_their_merged_view(backend):
+    """(A, C, ...) is (A, C, B) with the trailing dims merged: same results, outputs in y's shape
+    (what spares a contiguous NCHW tensor a view and its autograd node)."""
+    ops = _ops.resolve_backend(backend, torch.device("cpu"))
+    y = random_activations((3, 5, 2, 3), seed=7)
+    g = torch.randn(3, 5, 2, 3)
+    mu = ShadeState(5).mu.clone()
+    flat = y.view(3, 5, 6)
+    for reduction in ("mean", "sum"):
+        value, sums, out, _ = ops.relu_forward(y, mu, reduction)
+        value3, sums3, out3, _ = ops.relu_forward(flat, mu, reduction)
+        assert torch.equal(value, value3) and torch.equal(sums, sums3)
+        assert out.shape == y.shape and torch.equal(out.view(3, 5, 6), out3)
+        assert torch.equal(ops.forward(y, mu, reduction)[0], value3)
+        grad_penalty = torch.tensor(0.3)
+        grad = ops.backward(grad_penalty, y, mu, reduction, g)
+        grad3 = ops.backward(grad_penalty, flat, mu, reduction, g.view(3, 5, 6))
+        assert grad.shape == y.shape and torch.equal(grad.view(3, 5, 6), grad3)
+    with pytest.raises(RuntimeError, match=r"\(A, C, \.\.\.\)"):
+        ops.forward(torch.randn(5), mu[:, :1].contiguous(), "mean")
 
 
 @native
