@@ -203,12 +203,12 @@ def main(argv: list[str] | None = None) -> dict:
                   torch=torch.__version__,
                   cpu_capability=getattr(getattr(_ops, "_C", None), "CPU_CAPABILITY", "none"))
     text = markdown(report)
-    print(text)
-    if args.out:
+    if args.out:  # written first: a closed stdout must not lose them
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
         with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
             f.write(text + "\n")
+    print(text)
     return report
 
 
