@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--blocks", type=int, default=3,
                         help="basic blocks per stage (3: ResNet-20)")
+    parser.add_argument("--threads", type=int,
+                        help="torch.set_num_threads (default: torch's own choice)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, from {VARIANTS}")
     parser.add_argument("--out", help="write the JSON here, and the markdown next to it (.md)")
@@ -194,6 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     times = measure(variants, args.rounds, args.warmup, args.batch, args.size, args.blocks)
     from shade_ops import _ops
 
