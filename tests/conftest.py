@@ -40,6 +40,24 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
                                equal_nan=True, msg=lambda m: f"{what} ({kind}, {dtype}): {m}")
 
 
+def assert_compiled_matches_eager(step, compiled, eager_state, compiled_state, make_y,
+                                  steps: int = 2) -> None:
+    """Training steps of ``step`` (eager) and ``compiled`` on equal inputs ``make_y(i)``, each on
+    its own state: value, gradient and state (p and mu) agree after every step, so the state a
+    step updates is what the next step's forward and backward use."""
+    for i in range(steps):
+        y_eager = make_y(i).detach().requires_grad_()
+        y_compiled = y_eager.detach().clone().requires_grad_()
+        value_eager = step(y_eager, eager_state)
+        value_compiled = compiled(y_compiled, compiled_state)
+        assert_close(value_compiled, value_eager, torch.float32, "penalty", f"step {i}")
+        (grad_eager,) = torch.autograd.grad(value_eager, y_eager)
+        (grad_compiled,) = torch.autograd.grad(value_compiled, y_compiled)
+        assert_close(grad_compiled, grad_eager, torch.float32, "grad", f"step {i}")
+        assert_close(compiled_state.mu, eager_state.mu, torch.float32, "state", f"step {i}")
+        assert_close(compiled_state.p, eager_state.p, torch.float32, "state", f"step {i}")
+
+
 def random_activations(shape, dtype=torch.float32, seed=0, scale=2.0,
                        zeros=0.05) -> torch.Tensor:
     """Activations with both signs, a fraction of exact zeros (where relu'(0) = 0 must hold) and

@@ -10,7 +10,7 @@ import torch
 import shade_ops
 from shade_ops import ShadeState, _ops, reference
 
-from conftest import FUSED_BACKENDS, assert_close, random_activations
+from conftest import FUSED_BACKENDS, assert_close, assert_compiled_matches_eager, random_activations
 
 native = pytest.mark.skipif(_ops.NATIVE_OPS is None, reason="shade_ops._C is not built")
 
@@ -86,17 +86,8 @@ def test_compile_fullgraph_matches_eager(backend):
     compiled = torch.compile(step, fullgraph=True, backend="inductor" if backend == "cpu"
                              else "aot_eager")
     eager_state, compiled_state = ShadeState(5), ShadeState(5)
-    for i in range(3):
-        y_eager = random_activations((7, 5, 3), seed=i).requires_grad_()
-        y_compiled = y_eager.detach().clone().requires_grad_()
-        value_eager = step(y_eager, eager_state)
-        value_compiled = compiled(y_compiled, compiled_state)
-        assert_close(value_compiled, value_eager, torch.float32, "penalty", f"step {i}")
-        value_eager.backward()
-        value_compiled.backward()
-        assert_close(y_compiled.grad, y_eager.grad, torch.float32, "grad", f"step {i}")
-        assert_close(compiled_state.mu, eager_state.mu, torch.float32, "state", f"step {i}")
-        assert_close(compiled_state.p, eager_state.p, torch.float32, "state", f"step {i}")
+    assert_compiled_matches_eager(step, compiled, eager_state, compiled_state,
+                                  lambda i: random_activations((7, 5, 3), seed=i), steps=3)
     assert not torch.equal(compiled_state.mu, ShadeState(5).mu), "the state was never updated"
 
 
@@ -319,7 +310,8 @@ def _ops_run(fn) -> set[str]:
     return {event.name for event in prof.events()}
 
 
-BACKWARD_OPS = {"cpu": "shade_ops::penalty_backward", "triton": "shade_ops::triton_penalty_backward"}
+BACKWARD_OPS = {"cpu": "shade_ops::penalty_backward",
+                "triton": "shade_ops::triton_penalty_backward"}
 
 
 def test_relu_gradient_alone_when_the_penalty_is_left_out(backend):

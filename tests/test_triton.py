@@ -27,7 +27,7 @@ import shade_ops
 from shade_ops import ShadeState, _ops, reference
 from shade_ops._layout import units_view
 
-from conftest import TOLERANCES, assert_close, random_activations
+from conftest import TOLERANCES, assert_close, assert_compiled_matches_eager, random_activations
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -337,16 +337,8 @@ def test_compiles_fullgraph():
         return shade_ops.penalty(y, state, backend="triton")
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    for seed in range(2):
-        y = random_activations((4, 5, 3), torch.float32, seed).requires_grad_()
-        y_eager = y.detach().clone().requires_grad_()
-        value = compiled(y, state)
-        expected = step(y_eager, eager_state)
-        assert_close(value, expected, torch.float32, "penalty", f"step {seed}")
-        (grad,) = torch.autograd.grad(value, y)
-        (grad_eager,) = torch.autograd.grad(expected, y_eager)
-        assert_close(grad, grad_eager, torch.float32, "grad", f"step {seed}")
-        assert_close(state.mu, eager_state.mu, torch.float32, "state", f"step {seed}")
+    assert_compiled_matches_eager(step, compiled, eager_state, state,
+                                  lambda seed: random_activations((4, 5, 3), torch.float32, seed))
     torch._dynamo.reset()
 
 
@@ -575,15 +567,9 @@ def test_cuda_compile_fullgraph():
         return out.sum() + value
 
     compiled = torch.compile(step, fullgraph=True)
-    for seed in range(2):
-        y = random_activations((8, 32, 9, 9), torch.float32, seed).cuda().requires_grad_()
-        y_eager = y.detach().clone().requires_grad_()
-        loss, expected = compiled(y, state), step(y_eager, eager_state)
-        assert_close(loss, expected, torch.float32, "penalty", f"step {seed}")
-        (grad,) = torch.autograd.grad(loss, y)
-        (grad_eager,) = torch.autograd.grad(expected, y_eager)
-        assert_close(grad, grad_eager, torch.float32, "grad", f"step {seed}")
-        assert_close(state.mu, eager_state.mu, torch.float32, "state", f"step {seed}")
+    assert_compiled_matches_eager(
+        step, compiled, eager_state, state,
+        lambda seed: random_activations((8, 32, 9, 9), torch.float32, seed).cuda())
     torch._dynamo.reset()
 
 
