@@ -28,6 +28,18 @@ at::Tensor call_backward(const at::Tensor& grad_penalty, const at::Tensor& y, co
   return op.call(grad_penalty, y, mu, reduction, grad_out);
 }
 
+// The same gradient from differentiable ops, for a backward that is itself differentiated.
+at::Tensor call_differentiable_backward(const at::Tensor& grad_penalty, const at::Tensor& y,
+                                        const at::Tensor& mu, c10::string_view reduction,
+                                        const std::optional<at::Tensor>& grad_out) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("shade_ops::differentiable_penalty_backward", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            c10::string_view, const std::optional<at::Tensor>&)>();
+  return op.call(grad_penalty, y, mu, reduction, grad_out);
+}
+
 // What both forwards save: y, the copy of mu (never mu itself, which the state update that
 // follows writes into) and the reduction. Gradients are not materialised: a penalty left out of
 // the loss, or a ShadeReLU output left unused, costs nothing in the backward.
@@ -50,6 +62,11 @@ at::Tensor grad_y(AutogradContext* ctx, const at::Tensor& grad_penalty,
   const std::string& reduction = ctx->saved_data["reduction"].toStringRef();
   std::optional<at::Tensor> go;
   if (grad_out.has_value() && grad_out->defined()) go = grad_out;
+  // create_graph=True: the fused kernel has no derivative of its own, so build this gradient
+  // from ops that autograd can differentiate again (grad of grad is then exact).
+  if (at::GradMode::is_enabled()) {
+    return call_differentiable_backward(grad_penalty, y, saved[1], reduction, go);
+  }
   return call_backward(grad_penalty, y, saved[1], reduction, go);
 }
 

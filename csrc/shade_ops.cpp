@@ -71,6 +71,13 @@ TORCH_LIBRARY(shade_ops, m) {
       "penalty_backward(Tensor grad_penalty, Tensor y, Tensor mu, str reduction, "
       "Tensor? grad_out=None) -> Tensor");
   m.def("update_state(Tensor(a!) p, Tensor(b!) mu, Tensor sums, float decay) -> ()");
+  // penalty_backward written with differentiable ATen ops (SPEC section 3 term by term), for
+  // double backward: the autograd formulas call it instead of penalty_backward when the backward
+  // itself is being differentiated (create_graph=True). Its CompositeImplicitAutograd kernel is
+  // Python (shade_ops/reference.py, registered by shade_ops/_ops.py).
+  m.def(
+      "differentiable_penalty_backward(Tensor grad_penalty, Tensor y, Tensor mu, str reduction, "
+      "Tensor? grad_out=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(shade_ops, CompositeExplicitAutograd, m) {

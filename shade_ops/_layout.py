@@ -7,6 +7,7 @@ import torch
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 REDUCTIONS = ("mean", "sum")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -14,28 +15,63 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_choices(reduction: str, backend: str) -> None:
+    """ValueError for an unknown ``reduction`` or ``backend``."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_unit_dim(unit_dim: int, ndim: int | None = None) -> None:
+    """TypeError for a ``unit_dim`` that is not an int; ValueError when out of range for ``ndim``
+    dims."""
+    if isinstance(unit_dim, bool) or not isinstance(unit_dim, int):
+        raise TypeError(f"unit_dim must be an int, got {unit_dim!r}")
+    if ndim is not None and not -ndim <= unit_dim < ndim:
+        raise ValueError(f"unit_dim={unit_dim} is out of range for a tensor of {ndim} dims")
+
+
 def check_inputs(y: torch.Tensor, state: torch.nn.Module, unit_dim: int, reduction: str,
                  backend: str) -> None:
     """Raise the exception SPEC section 6 names for bad input; never touches the state."""
+    from .state import ShadeState  # state.py is a leaf; imported here to keep this module one
+
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
     if not y.is_floating_point():
         raise TypeError(f"y must be a floating-point tensor, got dtype {y.dtype}")
+    if y.dtype not in DTYPES:
+        raise TypeError(f"y has dtype {y.dtype}; shade_ops takes float16, bfloat16, float32 and "
+                        f"float64 (cast float8 activations to bfloat16 first)")
+    if not isinstance(state, ShadeState):
+        raise TypeError(f"state must be a shade_ops.ShadeState, got {type(state).__name__}")
     if isinstance(unit_dim, bool) or not isinstance(unit_dim, int):
         raise ValueError(f"unit_dim must be an int, got {unit_dim!r}")
     if not -y.dim() <= unit_dim < y.dim():
         raise ValueError(f"unit_dim={unit_dim} is out of range for a tensor of {y.dim()} dims "
                          f"(shape {tuple(y.shape)})")
     if y.shape[unit_dim] != state.num_units:
-        raise ValueError(f"y has {y.shape[unit_dim]} units along dim {unit_dim} (shape "
-                         f"{tuple(y.shape)}) but the state has {state.num_units}")
+        raise ValueError(unit_count_message(y, unit_dim, state.num_units))
     if y.device != state.mu.device:
         raise ValueError(f"y is on {y.device} but the state is on {state.mu.device}; move one "
                          f"of them (shade_ops never copies between devices)")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choices(reduction, backend)
+
+
+def unit_count_message(y: torch.Tensor, unit_dim: int, num_units: int) -> str:
+    """Why y does not fit a state of ``num_units`` units, and what to pass instead."""
+    message = (f"y has {y.shape[unit_dim]} units along dim {unit_dim} (shape {tuple(y.shape)}) "
+               f"but the state has {num_units}.")
+    fits = [d for d in (1, -1) if y.dim() > 1 and y.shape[d] == num_units
+            and d % y.dim() != unit_dim % y.dim()]
+    if fits:
+        return message + (f" Dim {fits[0]} has {num_units}: if the units lie there, pass "
+                          f"unit_dim={fits[0]} (1 for (N, C, ...) activations, -1 for (..., C) "
+                          f"ones such as a transformer's (N, L, D)).")
+    return message + (" unit_dim says where the units lie: 1 for (N, C, ...) activations, -1 "
+                      "for (..., C) ones such as a transformer's (N, L, D); a layer whose width "
+                      "changed needs a new state.")
 
 
 def op_input(y: torch.Tensor, unit_dim: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from . import reference
 from ._layout import accumulation_dtype
 
 try:
@@ -81,18 +82,25 @@ def register_penalty_ops(forward, relu_forward, backward, *, autograd: bool = Tr
         ctx.mark_non_differentiable(output[1], mu_copy)
         ctx.set_materialize_grads(False)  # as in C++: an unused output costs no backward work
 
+    def grad_y(grad_penalty, y, mu, reduction, grad_out):
+        # create_graph=True: the fused kernel has no derivative of its own; the same gradient
+        # from differentiable ops makes grad of grad exact (as csrc/autograd.cpp does)
+        if torch.is_grad_enabled():
+            return reference.penalty_grad(grad_penalty, y, mu, reduction, grad_out)
+        return backward(grad_penalty, y, mu, reduction, grad_out)
+
     def backward_penalty(ctx, grad_penalty, grad_sums, grad_mu_copy):
         if grad_penalty is None:
             return None, None, None
         y, mu = ctx.saved_tensors
-        return backward(grad_penalty, y, mu, ctx.reduction, None), None, None
+        return grad_y(grad_penalty, y, mu, ctx.reduction, None), None, None
 
     def backward_relu_penalty(ctx, grad_penalty, grad_sums, grad_out, grad_mu_copy):
         y, mu = ctx.saved_tensors
         if grad_penalty is None:  # the ReLU's backward alone
             grad = None if grad_out is None else torch.ops.aten.threshold_backward(grad_out, y, 0)
             return grad, None, None
-        return backward(grad_penalty, y, mu, ctx.reduction, grad_out), None, None
+        return grad_y(grad_penalty, y, mu, ctx.reduction, grad_out), None, None
 
     torch.library.register_fake(forward)(fake_forward)
     torch.library.register_fake(relu_forward)(fake_relu_forward)
@@ -105,6 +113,9 @@ def register_penalty_ops(forward, relu_forward, backward, *, autograd: bool = Tr
 
 
 if NATIVE_IMPORT_ERROR is None:
+    # what csrc/autograd.cpp calls for double backward: SPEC section 3 in differentiable ops
+    torch.library.impl("shade_ops::differentiable_penalty_backward",
+                       "CompositeImplicitAutograd")(reference.penalty_grad)
     register_penalty_ops(torch.ops.shade_ops.penalty_forward.default,
                          torch.ops.shade_ops.relu_penalty_forward.default,
                          torch.ops.shade_ops.penalty_backward.default, autograd=False)

@@ -13,28 +13,46 @@ every layer's state. Take a snapshot before the forward and step through :func:`
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from .modules import _ShadeLayer
 from .state import ShadeState
 
-__all__ = ["restore", "scaler_step", "snapshot"]
 
-Snapshot = list[tuple[ShadeState, torch.Tensor, torch.Tensor]]
+__all__ = ["Snapshot", "restore", "scaler_step", "snapshot"]
+
+
+@dataclass
+class Snapshot:
+    """The SHADE states of a model at one moment: copies of every state's buffers, and the
+    number of call-site states each SHADE layer had (a lazily sized layer has none before its
+    first forward; the states a skipped step made go back to their initial values)."""
+
+    buffers: list[tuple[ShadeState, torch.Tensor, torch.Tensor]]
+    sites: list[tuple[_ShadeLayer, int]]
 
 
 def snapshot(model: nn.Module) -> Snapshot:
     """Copies of every ShadeState's buffers in ``model`` (a few floats per unit)."""
-    return [(m, m.p.detach().clone(), m.mu.detach().clone())
-            for m in model.modules() if isinstance(m, ShadeState)]
+    return Snapshot(buffers=[(m, m.p.detach().clone(), m.mu.detach().clone())
+                             for m in model.modules() if isinstance(m, ShadeState)],
+                    sites=[(m, len(m.states)) for m in model.modules()
+                           if isinstance(m, _ShadeLayer)])
 
 
 def restore(snap: Snapshot) -> None:
-    """Put every state of ``snap`` back as it was when the snapshot was taken."""
+    """Put every state of ``snap`` back as it was when the snapshot was taken; states made since
+    then go back to their initial values."""
     with torch.no_grad():
-        for state, p, mu in snap:
+        for state, p, mu in snap.buffers:
             state.p.copy_(p)
             state.mu.copy_(mu)
+    for layer, sites in snap.sites:
+        for state in layer.states[sites:]:
+            state.reset_state()
 
 
 def scaler_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import _checkpoint, reference
 from ._layout import check_inputs, from_op_output, op_input
 from ._ops import PenaltyOps, resolve_backend
 from .state import ShadeState
@@ -11,9 +11,44 @@ from .state import ShadeState
 __all__ = ["penalty", "relu_penalty"]
 
 
-def _update(ops: PenaltyOps, state: ShadeState, sums: torch.Tensor, update: bool | None) -> None:
-    if state.should_update(update):
-        ops.update(state.p, state.mu, state.reduce_batch_sums(sums), state.decay)
+def _update(ops: PenaltyOps | None, state: ShadeState, sums: torch.Tensor) -> None:
+    sums = state.reduce_batch_sums(sums)
+    if ops is None:
+        reference.apply_update(state, sums)
+    else:
+        ops.update(state.p, state.mu, sums, state.decay)
+
+
+def run(y: torch.Tensor, state: ShadeState | None, unit_dim: int, reduction: str,
+        update: bool | None, backend: str, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(relu(y) if relu else y, penalty)`` for checked inputs, and the state update.
+
+    Inside the recomputation of a ``torch.utils.checkpoint`` segment it computes with the state and
+    unit dim of the original call and updates nothing (``state`` may then be None); in the
+    segment's first run it leaves them for the recomputation (``_checkpoint.py``).
+    """
+    ops = resolve_backend(backend, y.device)
+    recompute = _checkpoint.recomputation()
+    if recompute is not None:
+        mu, unit_dim, updates = recompute.mu, recompute.unit_dim, False
+    else:
+        mu, updates = state.mu, state.should_update(update)
+        if updates and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            _checkpoint.refuse_reentrant_checkpoint()
+        _checkpoint.remember(mu, unit_dim)
+    if ops is None:
+        value, sums = reference.batch_statistics(y, mu.clone(), unit_dim, reduction)
+        out = torch.relu(y) if relu else y
+    elif relu:
+        given = op_input(y, unit_dim)
+        value, sums, out, _ = ops.relu_forward(given, mu, reduction)
+        out = from_op_output(out, y, given)
+    else:
+        value, sums, _ = ops.forward(op_input(y, unit_dim), mu, reduction)
+        out = y
+    if updates:
+        _update(ops, state, sums)
+    return out, value
 
 
 def penalty(y: torch.Tensor, state: ShadeState, *, unit_dim: int = 1, reduction: str = "mean",
@@ -40,13 +75,7 @@ def penalty(y: torch.Tensor, state: ShadeState, *, unit_dim: int = 1, reduction:
         RuntimeError: the backend asked for cannot run here (the message says what is missing).
     """
     check_inputs(y, state, unit_dim, reduction, backend)
-    ops = resolve_backend(backend, y.device)
-    if ops is None:
-        return reference.penalty(y, state, unit_dim=unit_dim, reduction=reduction,
-                                 update=update, backend=backend)
-    value, sums, _ = ops.forward(op_input(y, unit_dim), state.mu, reduction)
-    _update(ops, state, sums, update)
-    return value
+    return run(y, state, unit_dim, reduction, update, backend, relu=False)[1]
 
 
 def relu_penalty(y: torch.Tensor, state: ShadeState, *, unit_dim: int = 1,
@@ -58,11 +87,4 @@ def relu_penalty(y: torch.Tensor, state: ShadeState, *, unit_dim: int = 1,
     y's shape, dtype and memory format.
     """
     check_inputs(y, state, unit_dim, reduction, backend)
-    ops = resolve_backend(backend, y.device)
-    if ops is None:
-        return reference.relu_penalty(y, state, unit_dim=unit_dim, reduction=reduction,
-                                      update=update, backend=backend)
-    given = op_input(y, unit_dim)
-    value, sums, out, _ = ops.relu_forward(given, state.mu, reduction)
-    _update(ops, state, sums, update)
-    return from_op_output(out, y, given), value
+    return run(y, state, unit_dim, reduction, update, backend, relu=True)

@@ -10,7 +10,8 @@ import torch
 from ._layout import accumulation_dtype, check_inputs
 from .state import ShadeState
 
-__all__ = ["penalty", "relu_penalty", "batch_statistics", "updated_state"]
+__all__ = ["penalty", "relu_penalty", "batch_statistics", "updated_state", "apply_update",
+           "penalty_grad"]
 
 
 def batch_statistics(y: torch.Tensor, mu: torch.Tensor, unit_dim: int = 1,
@@ -66,8 +67,9 @@ def updated_state(p: torch.Tensor, mu: torch.Tensor, sums: torch.Tensor,
             torch.where(finite, new_mu, old_mu).to(mu.dtype))
 
 
-def _apply_update(state: ShadeState, sums: torch.Tensor) -> None:
-    new_p, new_mu = updated_state(state.p, state.mu, state.reduce_batch_sums(sums), state.decay)
+def apply_update(state: ShadeState, sums: torch.Tensor) -> None:
+    """Write Algorithm 1's update of ``state`` by the batch sums ``sums`` into its buffers."""
+    new_p, new_mu = updated_state(state.p, state.mu, sums, state.decay)
     with torch.no_grad():
         state.p.copy_(new_p)
         state.mu.copy_(new_mu)
@@ -80,7 +82,7 @@ def penalty(y: torch.Tensor, state: ShadeState, *, unit_dim: int = 1, reduction:
     mu = state.mu.clone()  # the state before this batch's update
     value, sums = batch_statistics(y, mu, unit_dim, reduction)
     if state.should_update(update):
-        _apply_update(state, sums)
+        apply_update(state, state.reduce_batch_sums(sums))
     return value
 
 
@@ -91,3 +93,28 @@ def relu_penalty(y: torch.Tensor, state: ShadeState, *, unit_dim: int = 1,
     value = penalty(y, state, unit_dim=unit_dim, reduction=reduction, update=update,
                     backend=backend)
     return torch.relu(y), value
+
+
+def penalty_grad(grad_penalty: torch.Tensor, y: torch.Tensor, mu: torch.Tensor, reduction: str,
+                 grad_out: torch.Tensor | None = None) -> torch.Tensor:
+    """SPEC section 3 written out, in differentiable ops: ``grad_penalty`` times d penalty / d y,
+    plus ``grad_out * (y > 0)`` when given (ReLU's backward, as the fused ShadeReLU's).
+
+    ``y`` is ``(A, C, ...)`` as the ops receive it. The fused backends use this for double
+    backward (``create_graph=True``), where autograd differentiates it once more.
+    """
+    acc = accumulation_dtype(y.dtype)
+    x = y.to(acc)
+    per_unit = (1, y.shape[1]) + (1,) * (y.dim() - 2)
+    mu0, mu1 = (m.to(acc).reshape(per_unit) for m in mu.detach())
+    q = torch.exp(-torch.relu(x))
+    s = 1 - q
+    ds = torch.where(x > 0, q, torch.zeros_like(q))  # s'(y), 0 at y == 0
+    d1, d0 = x - mu1, x - mu0
+    count = y.numel() // max(y.shape[1], 1)
+    w = grad_penalty.to(acc) / max(count, 1) if reduction == "mean" else grad_penalty.to(acc)
+    # (y - mu1)^2 - (y - mu0)^2 as a product: no cancellation between large squares
+    grad = w * (ds * (mu0 - mu1) * (d1 + d0) + 2 * (s * d1 + q * d0))
+    if grad_out is not None:
+        grad = grad + grad_out.to(acc) * (x > 0)
+    return grad.to(y.dtype)

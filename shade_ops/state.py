@@ -49,6 +49,18 @@ class ShadeState(nn.Module):
         self.register_buffer("mu", torch.empty(2, num_units, device=device, dtype=dtype))
         self.reset_state()
 
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the state; .half(), .to(torch.bfloat16), model.double() leave its
+        # dtype alone (the moving averages stay in the dtype they were made with, float32 by
+        # default), as they would otherwise lose the precision that the kernels accumulate in.
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(t)
+            if moved.dtype == t.dtype:
+                return moved
+            return t.to(device=moved.device)
+
+        return super()._apply(keep_dtype, recurse)
+
     @property
     def num_units(self) -> int:
         return self.p.shape[1]

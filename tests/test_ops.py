@@ -319,7 +319,7 @@ def test_relu_gradient_alone_when_the_penalty_is_left_out(backend):
     the loss costs only ReLU's backward, and gives exactly its gradient."""
     y = random_activations((6, 5, 7), seed=3).requires_grad_()
     g = torch.randn(6, 5, 7)
-    act = shade_ops.ShadeReLU(backend=backend)
+    act = shade_ops.ShadeReLU(unit_dim=1, backend=backend)
     out = act(y)
     grads = []
     ran = _ops_run(lambda: grads.append(torch.autograd.grad(out, y, g)[0]))
@@ -330,7 +330,7 @@ def test_relu_gradient_alone_when_the_penalty_is_left_out(backend):
 
 def test_penalty_gradient_alone_when_the_output_is_left_out(backend):
     y = random_activations((6, 5, 7), seed=4).requires_grad_()
-    act = shade_ops.ShadeReLU(backend=backend)
+    act = shade_ops.ShadeReLU(unit_dim=1, backend=backend)
     act(y)
     grads = []
     ran = _ops_run(lambda: grads.append(torch.autograd.grad(act.penalty, y)[0]))

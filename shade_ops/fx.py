@@ -1,0 +1,83 @@
+"""SHADE on models that apply ReLU as a function: ``convert_fx``.
+
+``convert`` swaps ``nn.ReLU`` modules, which a model written with ``F.relu(x)``, ``torch.relu(x)``
+or ``x.relu()`` does not have. ``convert_fx`` traces the model with ``torch.fx`` and puts a
+``ShadeReLU`` module of its own at every ReLU call site of the graph, functional or module, as
+PyTorch's FX quantization gives every call site its own observer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .modules import ShadeReLU, track
+
+__all__ = ["convert_fx"]
+
+# ReLU as functions and methods: (target, whether it writes into its input).
+_FUNCTIONS = {F.relu: False, torch.relu: False, torch.relu_: True, F.relu_: True}
+_METHODS = {"relu": False, "relu_": True}
+
+
+def _relu_call(node: fx.Node, model: fx.GraphModule) -> tuple[bool, bool]:
+    """(whether node applies a ReLU, whether in place)."""
+    if node.op == "call_function" and node.target in _FUNCTIONS:
+        inplace = _FUNCTIONS[node.target] or bool(node.kwargs.get("inplace", False)) or \
+            (len(node.args) > 1 and bool(node.args[1]))
+        return True, inplace
+    if node.op == "call_method" and node.target in _METHODS:
+        return True, _METHODS[node.target]
+    if node.op == "call_module":
+        module = model.get_submodule(node.target)
+        if isinstance(module, nn.ReLU):
+            return True, module.inplace
+    return False, False
+
+
+def convert_fx(model: nn.Module, *, concrete_args: dict | None = None,
+               **kwargs) -> fx.GraphModule:
+    """A copy of ``model`` as a ``torch.fx.GraphModule`` whose every ReLU call site (``nn.ReLU``
+    modules, ``F.relu``, ``torch.relu``, ``x.relu()``, their in-place forms) is a ShadeReLU module
+    of its own (``shade_relu``, ``shade_relu_1``, ...), made with ``kwargs``; the returned model is
+    tracked (see :func:`shade_ops.track`). Parameters and buffers are shared with ``model``.
+
+    ``concrete_args`` goes to ``torch.fx.symbolic_trace``, for models whose forward branches on
+    an argument.
+
+    Raises:
+        RuntimeError: the model cannot be traced symbolically (data-dependent control flow); the
+            message says what to do instead.
+    """
+    ShadeReLU(**kwargs)  # bad arguments fail here, before tracing
+    try:
+        graph_model = fx.symbolic_trace(model, concrete_args=concrete_args)
+    except Exception as error:  # fx raises TraceError, TypeError, ... depending on the cause
+        raise RuntimeError(
+            f"shade_ops.convert_fx: torch.fx cannot trace this {type(model).__name__} ({error}). "
+            f"Replace its functional ReLUs with nn.ReLU modules and use shade_ops.convert, or "
+            f"pass concrete_args for the arguments it branches on.") from error
+    graph = graph_model.graph
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    converted = 0
+    for node in list(graph.nodes):
+        is_relu, inplace = _relu_call(node, graph_model)
+        if not is_relu:
+            continue
+        name = "shade_relu" if converted == 0 else f"shade_relu_{converted}"
+        graph_model.add_submodule(name, ShadeReLU(**kwargs))
+        source = node.args[0]
+        with graph.inserting_after(node):
+            shade = graph.call_module(name, (source,))
+        node.replace_all_uses_with(shade)
+        if inplace and isinstance(source, fx.Node):
+            # an in-place ReLU changed its input: later readers of the input read its output
+            for user in list(source.users):
+                if user is not shade and order.get(user, -1) > order[node]:
+                    user.replace_input_with(source, shade)
+        graph.erase_node(node)
+        converted += 1
+    graph_model.delete_all_unused_submodules()
+    graph.lint()
+    graph_model.recompile()
+    return track(graph_model)
