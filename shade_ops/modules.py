@@ -138,6 +138,11 @@ class _ShadeLayer(nn.Module):
             raise RuntimeError(f"{type(self).__name__} cannot be traced with torch.jit.trace in "
                                "training mode: the trace would drop the penalty. Use "
                                "torch.compile or torch.export, or trace the model in eval mode.")
+        if getattr(torch.compiler, "is_exporting", lambda: False)():
+            raise RuntimeError(f"{type(self).__name__} cannot be exported by torch.export in "
+                               "training mode: the exported program would not update the SHADE "
+                               "state. Export the model in eval mode (a plain ReLU there), and "
+                               "train with eager or torch.compile.")
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"{type(self).__name__} takes a tensor, got {type(y).__name__}")
         if _checkpoint.recomputation() is not None:

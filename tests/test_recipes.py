@@ -310,3 +310,27 @@ def test_torch_func_transforms_are_refused_or_exact():
             assert "functorch" in str(error) or "vmap" in str(error) or "func" in str(error)
         else:
             assert_close(got, expected, torch.float32, "grad", backend)
+
+
+def test_export_in_eval_mode_and_refused_in_training_mode():
+    model = shade_ops.convert(nn.Sequential(nn.Linear(4, 3), nn.ReLU()))
+    x = torch.randn(2, 4)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        torch.export.export(model, (x,))
+    model.eval()
+    exported = torch.export.export(model, (x,))
+    assert torch.equal(exported.module()(x), model(x))
+
+
+def test_vmap_over_the_penalty_matches_a_loop():
+    y = random_activations((5, 4, 3), seed=0)
+    state = ShadeState(3)
+    expected = torch.stack([reference.penalty(t, state, update=False) for t in y])
+    for backend in FUSED_BACKENDS:
+        got = torch.vmap(lambda t: shade_ops.penalty(t, state, update=False, backend=backend))(y)
+        assert_close(got, expected, torch.float32, "penalty", backend)
+
+
+def test_torchscript_script_is_unsupported():
+    with pytest.raises(Exception):
+        torch.jit.script(ShadeReLU(3))
