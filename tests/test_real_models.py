@@ -215,17 +215,21 @@ def test_resnet_blocks_reusing_one_relu(compile_model):
     assert sites["layer1.0.relu"] == [8, 8] and sites["layer2.0.relu"] == [4, 4, 12]
 
 
-def test_sequential_holding_one_relu_twice():
+@pytest.mark.parametrize("compile_model", [False, True], ids=["eager", "compiled"])
+def test_sequential_holding_one_relu_twice(compile_model):
+    torch._dynamo.reset()
     model = assert_matches_reference(shared_relu_sequential, shade_ops.convert, mlp_input,
-                                     expected_sites=2)
+                                     compile_model=compile_model, expected_sites=2)
     assert model[1] is model[3] and isinstance(model[1], shade_ops.ShadeReLU)
     assert shade_ops.call_sites(model)["1"] == [6, 5]  # two widths, no unit-count error
     assert set(model.state_dict()) >= {"1.state.mu", "1.extra_states.0.mu"}
 
 
-def test_functional_relus_through_convert_fx():
+@pytest.mark.parametrize("compile_model", [False, True], ids=["eager", "compiled"])
+def test_functional_relus_through_convert_fx(compile_model):
+    torch._dynamo.reset()
     model = assert_matches_reference(FunctionalCNN, shade_ops.convert_fx, resnet_input,
-                                     expected_sites=3)
+                                     compile_model=compile_model, expected_sites=3)
     assert list(shade_ops.call_sites(model).values()) == [[6], [4], [3]]
 
 

@@ -83,6 +83,24 @@ def test_non_reentrant_checkpoint_gives_the_gradients_and_state_of_no_checkpoint
             assert torch.equal(sa, sb), f"step {step} state {i}"
 
 
+def test_compiled_model_with_checkpointed_blocks_matches_eager():
+    torch._dynamo.reset()
+    plain = train_steps(Net())
+    model = shade_ops.track(Net(checkpointed="non-reentrant"))
+    compiled = torch.compile(model)
+    for step, expected in enumerate(plain):
+        x = random_activations((6, 4), seed=step)
+        model.zero_grad()
+        loss = compiled(x).square().mean() + 0.3 * shade_ops.collect(model)
+        loss.backward()
+        assert_close(loss.detach(), expected[0], torch.float32, "penalty", f"step {step}")
+        for i, (p, g) in enumerate(zip(model.parameters(), expected[1])):
+            assert_close(p.grad, g, torch.float32, "grad", f"step {step} parameter {i}")
+        states = [s for s in model.modules() if isinstance(s, ShadeState)]
+        for i, (s, mu) in enumerate(zip(states, expected[2])):
+            assert_close(s.mu, mu, torch.float32, "state", f"step {step} state {i}")
+
+
 def test_reentrant_checkpoint_is_refused_at_once_naming_checkpointing():
     model = shade_ops.track(Net(checkpointed="reentrant"))
     before = [s.mu.clone() for s in model.modules() if isinstance(s, ShadeState)]
@@ -186,6 +204,21 @@ def test_deepcopy_and_pickle_at_any_point_of_a_step():
     torch.save(after, buffer)
     buffer.seek(0)
     assert isinstance(torch.load(buffer, weights_only=False)[1], ShadeReLU)
+
+
+def test_the_layer_frees_the_activations_after_the_backward():
+    """The kept penalty does not keep the step's saved activations alive past the backward."""
+    import weakref
+
+    act = ShadeReLU(6)
+    x = torch.randn(64, 6, requires_grad=True)
+    y = x * 2
+    alive = weakref.ref(y)
+    out = act(y)
+    del y
+    (out.sum() + act.penalty).backward()
+    del out
+    assert act.penalty is not None and alive() is None
 
 
 # ---- GradScaler on a lazily sized model -------------------------------------------------------
