@@ -44,10 +44,11 @@ def assert_compiled_matches_eager(step, compiled, eager_state, compiled_state, m
                                   steps: int = 2) -> None:
     """Training steps of ``step`` (eager) and ``compiled`` on equal inputs ``make_y(i)``, each on
     its own state: value, gradient and state (p and mu) agree after every step, so the state a
-    step updates is what the next step's forward and backward use."""
+    step updates is what the next step's forward and backward use. Both get ``make_y(i)``'s
+    exact strides (sliced inputs included), so both trace the same layout."""
     for i in range(steps):
         y_eager = make_y(i).detach().requires_grad_()
-        y_compiled = y_eager.detach().clone().requires_grad_()
+        y_compiled = same_layout_copy(y_eager).requires_grad_()
         value_eager = step(y_eager, eager_state)
         value_compiled = compiled(y_compiled, compiled_state)
         assert_close(value_compiled, value_eager, torch.float32, "penalty", f"step {i}")
@@ -56,6 +57,12 @@ def assert_compiled_matches_eager(step, compiled, eager_state, compiled_state, m
         assert_close(grad_compiled, grad_eager, torch.float32, "grad", f"step {i}")
         assert_close(compiled_state.mu, eager_state.mu, torch.float32, "state", f"step {i}")
         assert_close(compiled_state.p, eager_state.p, torch.float32, "state", f"step {i}")
+
+
+def same_layout_copy(y: torch.Tensor) -> torch.Tensor:
+    """A copy of ``y`` with its exact strides; ``clone()`` makes a sliced tensor dense."""
+    return torch.empty_strided(y.shape, y.stride(), dtype=y.dtype,
+                               device=y.device).copy_(y.detach())
 
 
 def random_activations(shape, dtype=torch.float32, seed=0, scale=2.0,
