@@ -2,12 +2,15 @@
 the splits that cannot be made."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from shade_ops import data as data_module
 from shade_ops.data import Split, load_dataset
+from shade_ops.experiments import TrainConfig, train
 
 from conftest import fake_cifar10, fake_mnist_m
 
@@ -177,3 +180,26 @@ def test_local_dataset_without_test_images(tmp_path, monkeypatch, name, make):
     monkeypatch.setattr(data_module, "_LOCAL_VAL", 3)
     with pytest.raises(ValueError, match=r"no test images \(0 found, at least 1 needed"):
         load_dataset(name, root=make(tmp_path), cache=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("name", ["digits", "digits-m"])
+def test_more_samples_than_the_training_split(request, name):
+    data = request.getfixturevalue(name.replace("-", "_"))
+    config = TrainConfig(dataset=name, model="mlp", samples=1001, steps=1)
+    with pytest.raises(ValueError, match="1001 training samples.*has 1000 images.*at most 1000"):
+        train(config, data)
+
+
+def test_more_samples_than_a_local_training_split(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "_LOCAL_VAL", 5)
+    config = TrainConfig(dataset="cifar10", model="mlp", samples=26, steps=1)
+    with pytest.raises(ValueError, match="26 training samples.*has 25 images"):
+        train(config, root=fake_cifar10(tmp_path, 6, 4), cache=tmp_path / "cache")
+
+
+def test_train_refuses_an_empty_split(digits):
+    for part in ("train", "val", "test"):
+        split = getattr(digits, part)
+        data = dataclasses.replace(digits, **{part: Split(split.x[:0], split.y[:0])})
+        with pytest.raises(ValueError, match=f"the {part} split of digits is empty"):
+            train(TrainConfig(dataset="digits", model="mlp", steps=1), data)
