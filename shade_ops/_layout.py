@@ -119,9 +119,21 @@ def from_units_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _memory_order(y: torch.Tensor) -> list[int]:
-    # Size-1 dims may sit anywhere: view() ignores their strides.
+    """The dims of ``y`` from the largest stride to the smallest, ties in dim order.
+
+    An insertion sort by plain ``>`` comparisons rather than ``sorted(key=...)``: under
+    ``torch.compile`` with dynamic shapes the strides are symbolic, dynamo cannot sort by them,
+    but it can guard on each comparison (a call whose layout orders the dims otherwise compiles
+    again). Size-1 dims may land anywhere: view() ignores their strides.
+    """
     strides = y.stride()
-    return sorted(range(y.dim()), key=lambda d: (-strides[d], d))
+    order: list[int] = []
+    for d in range(y.dim()):
+        position = len(order)
+        while position > 0 and strides[d] > strides[order[position - 1]]:
+            position -= 1
+        order.insert(position, d)
+    return order
 
 
 def _inverse(order: list[int]) -> list[int]:

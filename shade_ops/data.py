@@ -36,6 +36,9 @@ PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycl
 _DIGITS_VERSION = 1
 # Held out of the training sets of the local datasets to choose hyper-parameters on.
 _LOCAL_VAL = 5000
+# Images in the complete local datasets, for the messages about incomplete folders.
+_FULL_TRAIN = {"cifar10": 50000, "mnist-m": 59001}
+_FULL_TEST = {"cifar10": 10000, "mnist-m": 9001}
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,8 @@ def load_dataset(name: str, *, seed: int = 0, root: str | os.PathLike | None = N
     ``root`` is where the local datasets live (see :func:`data_root`).
 
     Raises:
-        ValueError: an unknown name.
+        ValueError: an unknown name; a local dataset whose splits cannot be made (no more
+            training images than the validation split holds out, or no test images).
         FileNotFoundError: a local dataset is missing; the message gives the expected layout.
     """
     if name in ("digits-m", "digits"):
@@ -236,11 +240,27 @@ def _local(name: str, seed: int, cache: Path, folder: Path) -> Dataset:
     with np.load(decoded) as arrays:
         x_train, y_train = torch.from_numpy(arrays["x_train"]), torch.from_numpy(arrays["y_train"])
         test = Split(torch.from_numpy(arrays["x_test"]), torch.from_numpy(arrays["y_test"]))
+    _check_local_sizes(name, folder, len(y_train), len(test))
     rng = np.random.default_rng([seed, 0])
     order = rng.permutation(len(y_train))
     val, train = np.sort(order[:_LOCAL_VAL]), np.sort(order[_LOCAL_VAL:])
     return Dataset(name, Split(x_train[train], y_train[train]), Split(x_train[val], y_train[val]),
                    test)
+
+
+def _check_local_sizes(name: str, folder: Path, train: int, test: int) -> None:
+    """The splits of a local dataset can be made: some training images are left once the
+    validation split is held out, and there are test images."""
+    if train <= _LOCAL_VAL:
+        raise ValueError(
+            f"{name} under {folder.resolve()} has {train} training images, but {_LOCAL_VAL} of "
+            f"them are held out as the validation split: at least {_LOCAL_VAL + 1} are needed to "
+            f"leave any to train on (the full {name} has "
+            f"{_FULL_TRAIN[name]}); is the folder complete?")
+    if test == 0:
+        raise ValueError(f"{name} under {folder.resolve()} has no test images (0 found, at "
+                         f"least 1 needed; the full {name} has {_FULL_TEST[name]}); is the "
+                         f"folder complete?")
 
 
 def _read_cifar10(folder: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
@@ -259,8 +279,10 @@ def _read_mnist_m(folder: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
 
     lines = (folder / f"mnist_m_{part}_labels.txt").read_text().split("\n")
     entries = [line.split() for line in lines if line.strip()]
-    x = np.stack([imread(folder / f"mnist_m_{part}" / file)[..., :3].transpose(2, 0, 1)
-                  for file, _ in entries]).astype(np.uint8)
+    images = [imread(folder / f"mnist_m_{part}" / file)[..., :3].transpose(2, 0, 1)
+              for file, _ in entries]
+    # no images: an empty split, which _check_local_sizes reports
+    x = np.stack(images).astype(np.uint8) if images else np.empty((0, 3, 28, 28), np.uint8)
     return x, np.array([int(label) for _, label in entries], dtype=np.int64)
 
 

@@ -31,8 +31,8 @@ from .data import Dataset, Split, load_dataset
 from .models import build_model
 from .modules import collect, convert
 
-__all__ = ["REGULARIZERS", "SweepConfig", "TrainConfig", "markdown_table", "plot", "sweep",
-           "train", "write_report"]
+__all__ = ["REGULARIZERS", "SweepConfig", "TrainConfig", "check_splits", "markdown_table", "plot",
+           "sweep", "train", "write_report"]
 
 REGULARIZERS = ("none", "wd", "dropout", "shade", "shade+dropout")
 _LABELS = {"none": "Baseline", "wd": "Weight decay", "dropout": "Dropout", "shade": "SHADE",
@@ -101,12 +101,32 @@ def accuracy(model: torch.nn.Module, split: Split,
     return correct / max(len(split), 1)
 
 
+def check_splits(data: Dataset, samples: int | None = None) -> None:
+    """Raise ValueError unless ``samples`` (None: all) training images can be drawn from
+    ``data`` and its validation and test splits have images: no run trains on 0 samples or
+    reports an accuracy measured on none."""
+    for part in ("train", "val", "test"):
+        if len(getattr(data, part)) == 0:
+            raise ValueError(f"the {part} split of {data.name} is empty (0 images, at least 1 "
+                             f"needed)")
+    if samples is not None and samples > len(data.train):
+        raise ValueError(f"{samples} training samples were asked for, but the {data.name} "
+                         f"training split has {len(data.train)} images: ask for at most "
+                         f"{len(data.train)}")
+
+
 def train(config: TrainConfig, data: Dataset | None = None, *, progress: bool = False,
           cache: str | None = None, root: str | None = None) -> dict:
-    """Train one model and return its metrics (accuracies are fractions in [0, 1])."""
+    """Train one model and return its metrics (accuracies are fractions in [0, 1]).
+
+    Raises:
+        ValueError: ``config.samples`` is more than the training split holds, or a split of
+            ``data`` is empty (see :func:`check_splits`).
+    """
     started = time.perf_counter()
     if data is None:
         data = load_dataset(config.dataset, seed=config.data_seed, root=root, cache=cache)
+    check_splits(data, config.samples)
     train_split = data.train.subset(config.samples, config.seed) if config.samples else data.train
     normalize = _normalizer(train_split)
     effective = config.effective
@@ -243,6 +263,7 @@ def sweep(config: SweepConfig, *, progress: bool = False, cache: str | None = No
             raise ValueError(f"unknown regularizer {regularizer!r}")
     started, cpu_started = time.perf_counter(), time.process_time()
     data = load_dataset(config.dataset, seed=config.data_seed, root=root, cache=cache)
+    check_splits(data, max(config.sizes, default=None))  # before any run, not at the first too big
     base = TrainConfig(dataset=config.dataset, model=config.model, width=config.width,
                        epochs=config.epochs, min_steps=config.min_steps,
                        batch_size=config.batch_size, lr=config.lr,

@@ -3,7 +3,10 @@ where and by how much two results differ."""
 from __future__ import annotations
 
 import os
+import pickle
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,10 +47,11 @@ def assert_compiled_matches_eager(step, compiled, eager_state, compiled_state, m
                                   steps: int = 2) -> None:
     """Training steps of ``step`` (eager) and ``compiled`` on equal inputs ``make_y(i)``, each on
     its own state: value, gradient and state (p and mu) agree after every step, so the state a
-    step updates is what the next step's forward and backward use."""
+    step updates is what the next step's forward and backward use. Both get ``make_y(i)``'s
+    exact strides (sliced inputs included), so both trace the same layout."""
     for i in range(steps):
         y_eager = make_y(i).detach().requires_grad_()
-        y_compiled = y_eager.detach().clone().requires_grad_()
+        y_compiled = same_layout_copy(y_eager).requires_grad_()
         value_eager = step(y_eager, eager_state)
         value_compiled = compiled(y_compiled, compiled_state)
         assert_close(value_compiled, value_eager, torch.float32, "penalty", f"step {i}")
@@ -56,6 +60,12 @@ def assert_compiled_matches_eager(step, compiled, eager_state, compiled_state, m
         assert_close(grad_compiled, grad_eager, torch.float32, "grad", f"step {i}")
         assert_close(compiled_state.mu, eager_state.mu, torch.float32, "state", f"step {i}")
         assert_close(compiled_state.p, eager_state.p, torch.float32, "state", f"step {i}")
+
+
+def same_layout_copy(y: torch.Tensor) -> torch.Tensor:
+    """A copy of ``y`` with its exact strides; ``clone()`` makes a sliced tensor dense."""
+    return torch.empty_strided(y.shape, y.stride(), dtype=y.dtype,
+                               device=y.device).copy_(y.detach())
 
 
 def random_activations(shape, dtype=torch.float32, seed=0, scale=2.0,
@@ -71,3 +81,35 @@ def random_activations(shape, dtype=torch.float32, seed=0, scale=2.0,
 @pytest.fixture(params=FUSED_BACKENDS)
 def backend(request) -> str:
     return request.param
+
+
+def fake_cifar10(root: Path, per_batch: int, test: int) -> Path:
+    """A CIFAR-10 folder under ``root`` with random images: ``per_batch`` in each of the five
+    training batches, ``test`` in the test batch."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    counts = {**{f"data_batch_{i}": per_batch for i in range(1, 6)}, "test_batch": test}
+    for name, count in counts.items():
+        batch = {"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+                 "labels": rng.integers(0, 10, count).tolist()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    return root
+
+
+def fake_mnist_m(root: Path, train: int, test: int) -> Path:
+    """An MNIST-M folder under ``root`` with ``train`` and ``test`` random 28x28 PNGs."""
+    from skimage.io import imsave
+
+    folder = root / "mnist_m"
+    rng = np.random.default_rng(0)
+    for part, count in (("train", train), ("test", test)):
+        (folder / f"mnist_m_{part}").mkdir(parents=True)
+        lines = []
+        for i in range(count):
+            imsave(folder / f"mnist_m_{part}" / f"{i:08d}.png",
+                   rng.integers(0, 256, (28, 28, 3), dtype=np.uint8), check_contrast=False)
+            lines.append(f"{i:08d}.png {i % 10}\n")
+        (folder / f"mnist_m_{part}_labels.txt").write_text("".join(lines))
+    return root

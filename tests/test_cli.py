@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from shade_ops import data as data_module
 from shade_ops.cli import main
 from shade_ops.experiments import SweepConfig
+
+from conftest import fake_cifar10, fake_mnist_m
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +55,37 @@ def test_train_missing_dataset_is_a_clear_error(tmp_path, capsys):
                  "--cache", str(tmp_path), "--no-progress"])
     assert code == 2
     assert "cifar-10-batches-py" in capsys.readouterr().err
+
+
+# ---- splits that cannot be made: exit 2 and a message on stderr, before any training ----------
+
+def test_train_more_samples_than_the_training_split(tmp_path, cache, capsys):
+    assert _train(cache, tmp_path / "run.json", "--samples", "1001") == 2
+    captured = capsys.readouterr()
+    assert "1001 training samples" in captured.err and "has 1000 images" in captured.err
+    assert "test accuracy" not in captured.out and not (tmp_path / "run.json").exists()
+
+
+def test_reproduce_size_larger_than_the_training_split(tmp_path, cache, capsys):
+    code = main(["reproduce", "--sizes", "20,1500", "--seeds", "1", "--model", "mlp",
+                 "--out-dir", str(tmp_path), "--cache", cache, "--no-progress"])
+    assert code == 2
+    assert "1500 training samples" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()), "runs before the error left results"
+
+
+@pytest.mark.parametrize("name, make, expected", [
+    ("cifar10", lambda root: fake_cifar10(root, 6, 4), "has 30 training images"),
+    ("mnist-m", lambda root: fake_mnist_m(root, 6, 0), "no test images"),
+], ids=["cifar10-too-small", "mnist-m-no-test"])
+def test_train_local_dataset_that_cannot_be_split(tmp_path, capsys, monkeypatch, name, make,
+                                                  expected):
+    if name == "mnist-m":  # enough training images for a 3-image validation split
+        monkeypatch.setattr(data_module, "_LOCAL_VAL", 3)
+    code = main(["train", "--dataset", name, "--data-root", str(make(tmp_path / "data")),
+                 "--cache", str(tmp_path / "cache"), "--no-progress", "--steps", "1"])
+    captured = capsys.readouterr()
+    assert code == 2 and expected in captured.err and "test accuracy" not in captured.out
 
 
 def test_reproduce_tiny_sweep(tmp_path, cache, capsys):

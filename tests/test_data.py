@@ -1,7 +1,8 @@
-"""The datasets: shapes, determinism, the cache, disjoint splits, and the local-folder errors."""
+"""The datasets: shapes, determinism, the cache, disjoint splits, the local-folder errors, and
+the splits that cannot be made."""
 from __future__ import annotations
 
-import pickle
+import dataclasses
 
 import numpy as np
 import pytest
@@ -9,6 +10,9 @@ import torch
 
 from shade_ops import data as data_module
 from shade_ops.data import Split, load_dataset
+from shade_ops.experiments import TrainConfig, train
+
+from conftest import fake_cifar10, fake_mnist_m
 
 
 @pytest.fixture(scope="module")
@@ -130,35 +134,72 @@ def test_unknown_dataset(tmp_path):
 
 
 def test_reads_cifar10_folder(tmp_path, monkeypatch):
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name, count in [(f"data_batch_{i}", 6) for i in range(1, 6)] + [("test_batch", 4)]:
-        batch = {"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
-                 "labels": rng.integers(0, 10, count).tolist()}
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
     monkeypatch.setattr(data_module, "_LOCAL_VAL", 5)
-    data = load_dataset("cifar10", root=tmp_path, cache=tmp_path / "cache")
+    data = load_dataset("cifar10", root=fake_cifar10(tmp_path, 6, 4), cache=tmp_path / "cache")
     assert data.in_shape == (3, 32, 32)
     assert (len(data.train), len(data.val), len(data.test)) == (25, 5, 4)
 
 
 def test_reads_mnist_m_folder(tmp_path, monkeypatch):
-    from skimage.io import imsave
-
-    folder = tmp_path / "mnist_m"
-    rng = np.random.default_rng(0)
-    for part, count in (("train", 7), ("test", 3)):
-        (folder / f"mnist_m_{part}").mkdir(parents=True)
-        lines = []
-        for i in range(count):
-            imsave(folder / f"mnist_m_{part}" / f"{i:08d}.png",
-                   rng.integers(0, 256, (28, 28, 3), dtype=np.uint8), check_contrast=False)
-            lines.append(f"{i:08d}.png {i % 10}")
-        (folder / f"mnist_m_{part}_labels.txt").write_text("\n".join(lines) + "\n")
     monkeypatch.setattr(data_module, "_LOCAL_VAL", 2)
-    data = load_dataset("mnist-m", root=tmp_path, cache=tmp_path / "cache")
+    data = load_dataset("mnist-m", root=fake_mnist_m(tmp_path, 7, 3), cache=tmp_path / "cache")
     assert data.in_shape == (3, 28, 28)
     assert (len(data.train), len(data.val), len(data.test)) == (5, 2, 3)
     assert sorted(data.test.y.tolist()) == [0, 1, 2]
+
+
+# ---- splits that cannot be made: an error naming what was found and what is needed --------
+
+def test_local_dataset_smaller_than_validation_split(tmp_path):
+    """30 training images and a 5,000-image validation split: nothing would be left to train
+    on."""
+    with pytest.raises(ValueError) as error:
+        load_dataset("cifar10", root=fake_cifar10(tmp_path, 6, 4), cache=tmp_path / "cache")
+    message = str(error.value)
+    assert "30 training images" in message and "5000" in message and "5001" in message, message
+
+
+def test_local_dataset_exactly_the_validation_split(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "_LOCAL_VAL", 7)
+    with pytest.raises(ValueError, match="7 training images.*at least 8"):
+        load_dataset("mnist-m", root=fake_mnist_m(tmp_path, 7, 3), cache=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("name, make", [("cifar10", lambda root: fake_cifar10(root, 0, 0)),
+                                        ("mnist-m", lambda root: fake_mnist_m(root, 0, 0))],
+                         ids=["cifar10", "mnist-m"])
+def test_local_dataset_without_training_images(tmp_path, name, make):
+    with pytest.raises(ValueError, match="has 0 training images"):
+        load_dataset(name, root=make(tmp_path), cache=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("name, make", [("cifar10", lambda root: fake_cifar10(root, 2, 0)),
+                                        ("mnist-m", lambda root: fake_mnist_m(root, 6, 0))],
+                         ids=["cifar10", "mnist-m"])
+def test_local_dataset_without_test_images(tmp_path, monkeypatch, name, make):
+    monkeypatch.setattr(data_module, "_LOCAL_VAL", 3)
+    with pytest.raises(ValueError, match=r"no test images \(0 found, at least 1 needed"):
+        load_dataset(name, root=make(tmp_path), cache=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("name", ["digits", "digits-m"])
+def test_more_samples_than_the_training_split(request, name):
+    data = request.getfixturevalue(name.replace("-", "_"))
+    config = TrainConfig(dataset=name, model="mlp", samples=1001, steps=1)
+    with pytest.raises(ValueError, match="1001 training samples.*has 1000 images.*at most 1000"):
+        train(config, data)
+
+
+def test_more_samples_than_a_local_training_split(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "_LOCAL_VAL", 5)
+    config = TrainConfig(dataset="cifar10", model="mlp", samples=26, steps=1)
+    with pytest.raises(ValueError, match="26 training samples.*has 25 images"):
+        train(config, root=fake_cifar10(tmp_path, 6, 4), cache=tmp_path / "cache")
+
+
+def test_train_refuses_an_empty_split(digits):
+    for part in ("train", "val", "test"):
+        split = getattr(digits, part)
+        data = dataclasses.replace(digits, **{part: Split(split.x[:0], split.y[:0])})
+        with pytest.raises(ValueError, match=f"the {part} split of digits is empty"):
+            train(TrainConfig(dataset="digits", model="mlp", steps=1), data)
