@@ -303,7 +303,7 @@ def track(model: nn.Module) -> nn.Module:
         layer._begin_forward()
     if first:
         model.register_forward_pre_hook(_begin_forward)
-        model.register_forward_hook(_end_forward, always_call=True)
+        model.register_forward_hook(_end_forward)
         model._shade_ops_hooked = True
     return model
 
