@@ -1,13 +1,17 @@
 """The one-call GPU check (`make gpu-check`): install, the CUDA tests, and the speed of the Triton
-kernels against the eager reference and torch.compile of it, and of SHADE in a model, in under 8
-minutes.
+kernels against the eager reference and torch.compile of it, and of SHADE in a model, within
+BUDGET seconds (5.5 minutes, the install included; --quick: QUICK_BUDGET).
 
     python benchmarks/gpu_check.py                 # CUDA machine with torch and Triton, no network
+    python benchmarks/gpu_check.py --quick         # the same in under 3 minutes, fewer shapes
     python benchmarks/gpu_check.py --dry-run       # CPU smoke test: tiny shapes, the interpreter
     python benchmarks/gpu_check.py --compile-only  # CPU: compile the kernels for a GPU with ptxas
 
-On the GPU it (1) runs `pip install --no-deps --no-build-isolation -e .` from the repository root,
-(2) runs `pytest tests/test_triton.py -k cuda` with the compiled kernels, (3) measures the
+On the GPU it (0) checks in seconds that torch sees a CUDA device and Triton imports, (1) runs
+`pip install --no-deps --no-build-isolation -e .` from the repository root and checks that
+shade_ops._C imports and the Triton backend is available for CUDA tensors (else it stops there,
+saying why), (2) runs `pytest tests/test_triton.py -k cuda` with the compiled kernels (all of them
+skipped counts as a failure), (3) measures the
 device-to-device copy bandwidth, then times forward, backward and forward+backward of the penalty
 (training mode: the state update included) for Triton, the eager reference and torch.compile of the
 reference, float32 and bfloat16, at the benchmark shapes: `triton.testing.do_bench` medians of the
@@ -29,8 +33,13 @@ y; the backward reads y and writes the gradient.
 penalty at DRY_RUN_SHAPES, ShadeReLU at 3x5x4x6, and a ResNet-8 of width 4 on a batch of two
 3x8x8 images (1 warm-up step and 2 rounds of 1 step): 10-20 s on two CPU cores.
 
+Before a shape is timed, the Triton penalty, gradient and state update at that shape and dtype are
+checked against the float64 reference (a disagreement is reported WRONG, not timed, and fails the
+check). Every row is printed as it is measured.
+
 Results: gpu_check.json and gpu_check_<date>_<device>.md under $OUT when OUT is set, and the
-markdown under benchmarks/results/.
+markdown and JSON under benchmarks/results/, written again after every step, so a run killed at
+the time limit leaves what it measured. --dry-run writes only where --out / --results-dir say.
 """
 from __future__ import annotations
 
@@ -49,7 +58,12 @@ from dataclasses import asdict, dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHAPES = [(256, 64, 56, 56), (256, 256, 14, 14), (8192, 4096)]
+QUICK_SHAPES = [(256, 64, 56, 56), (8192, 4096)]
 DRY_RUN_SHAPES = [(3, 5, 4, 6), (37, 9)]
+# Seconds for the whole check, the install included: one device command may run 10 minutes and a
+# session's device time is 15, so the default leaves room to run it once more.
+BUDGET = 330.0
+QUICK_BUDGET = 160.0
 DTYPES = ["float32", "bfloat16"]
 IMPLEMENTATIONS = ["triton", "eager", "compile"]
 PHASES = ["forward", "backward", "forward+backward"]
@@ -109,20 +123,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-model", action="store_true",
                         help="leave out the model-level step (ShadeReLU against nn.ReLU, and the "
                              "ResNet-20 training step with and without SHADE)")
-    parser.add_argument("--budget", type=float, default=450.0,
-                        help="seconds for the whole check; later steps are cut to fit")
+    parser.add_argument("--quick", action="store_true",
+                        help="under 3 minutes: one shape per layout, float32 and bfloat16, no "
+                             "sweep, the other CUDA tests left out")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"seconds for the whole check, install included; later steps are "
+                             f"cut to fit (default {BUDGET:.0f}, {QUICK_BUDGET:.0f} with --quick)")
     parser.add_argument("--rep-ms", type=float, default=40.0,
                         help="do_bench repetition time per measurement, ms")
-    parser.add_argument("--out", default=os.environ.get("OUT"),
-                        help="folder for gpu_check.json and the markdown (default: $OUT)")
-    parser.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--out", default=None,
+                        help="folder for gpu_check.json and the markdown (default: $OUT; none "
+                             "with --dry-run)")
+    parser.add_argument("--results-dir", default=None,
+                        help="folder for the markdown (default: benchmarks/results; none with "
+                             "--dry-run, which writes nowhere in the tree)")
     args = parser.parse_args(argv)
     if args.dry_run:
         args.device = "cpu"
         args.skip_install = args.skip_tests = args.skip_compile = True
         args.no_sweep = True
+    else:
+        args.out = args.out or os.environ.get("OUT")
+        args.results_dir = args.results_dir or os.path.join(ROOT, "benchmarks", "results")
+    if args.quick:
+        args.no_sweep = True
+    args.budget = args.budget or (QUICK_BUDGET if args.quick else BUDGET)
     args.device = args.device or "cuda"
-    args.shapes = args.shapes or (DRY_RUN_SHAPES if args.dry_run else SHAPES)
+    args.shapes = args.shapes or (DRY_RUN_SHAPES if args.dry_run else
+                                  QUICK_SHAPES if args.quick else SHAPES)
     args.dtypes = args.dtypes or DTYPES
     return args
 
@@ -333,7 +361,7 @@ def install(budget: Budget) -> dict:
 
 TEST_RUNS = {
     # the CUDA tests of the Triton backend: before the benchmark, which needs them to pass
-    "triton": (["tests/test_triton.py", "-k", "cuda"], 200.0, 150.0),
+    "triton": (["tests/test_triton.py", "-k", "cuda"], 120.0, 120.0),
     # the other tests that name cuda, with the time the benchmark leaves
     "others": (["tests", "--ignore=tests/test_triton.py", "-m", "not slow", "-k", "cuda"], 60.0,
                20.0),
@@ -462,9 +490,50 @@ def _penalty_calls(impl: str, y, state):
     return (lambda: forward), make_backward, (lambda: both)
 
 
-def benchmark(args, budget: Budget, copy_gbs: float | None, reserve: float = 0.0) -> list[Row]:
-    """The penalty's rows at args.shapes and args.dtypes; an implementation is skipped when it
-    would leave less than `reserve` seconds (for the steps after it) of the budget."""
+def agreement(shape: tuple, dtype_name: str, device: str) -> tuple[bool, str]:
+    """Whether the Triton penalty, its gradient and the updated state agree with the float64
+    reference at `shape` and `dtype_name` (checked before that shape is timed), and how close."""
+    import torch
+
+    import shade_ops
+    from shade_ops import reference
+
+    dtype = getattr(torch, dtype_name)
+    generator = torch.Generator(device=device).manual_seed(0)
+    y = (torch.randn(shape, generator=generator, device=device) * 2 + 0.3).to(dtype)
+    y.requires_grad_()
+    y64 = y.detach().double().requires_grad_()
+    state, state64 = (shade_ops.ShadeState(shape[1], device=device, dtype=t)
+                      for t in (torch.float32, torch.float64))
+    value = shade_ops.penalty(y, state, backend="triton")
+    expected = reference.penalty(y64, state64)
+    (grad,) = torch.autograd.grad(value, y)
+    (grad64,) = torch.autograd.grad(expected, y64)
+
+    def relative(a, b) -> float:
+        return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+    errors = {"penalty": relative(value, expected), "grad": relative(grad, grad64),
+              "mu": relative(state.mu, state64.mu)}
+    limits = {"penalty": 1e-4, "grad": 1e-4 if dtype == torch.float32 else 1e-2, "mu": 1e-4}
+    ok = all(errors[k] <= limits[k] for k in errors)
+    text = ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+    return ok, ("agrees" if ok else "WRONG") + f" with float64 reference ({text})"
+
+
+def _print_row(row) -> None:
+    ms = f"{row.ms:.4f} ms" if row.ms else "-"
+    graph = f", graph {row.graph_ms:.4f} ms" if getattr(row, "graph_ms", None) else ""
+    print(f"  {'x'.join(map(str, row.shape))} {row.dtype} {row.phase} {row.impl}: {ms}{graph}"
+          f" {row.note}".rstrip(), flush=True)
+
+
+def benchmark(args, budget: Budget, copy_gbs: float | None, reserve: float = 0.0,
+              on_rows=None) -> list[Row]:
+    """The penalty's rows at args.shapes and args.dtypes, each shape first checked against the
+    reference (a Triton result that disagrees is reported WRONG and not timed); an implementation
+    is skipped when it would leave less than `reserve` seconds (for the steps after it) of the
+    budget. `on_rows` gets the rows of each shape and dtype as they are measured."""
     import torch
 
     import shade_ops
@@ -472,10 +541,19 @@ def benchmark(args, budget: Budget, copy_gbs: float | None, reserve: float = 0.0
     rows = []
     for shape in args.shapes:
         for dtype_name in args.dtypes:
+            start_rows = len(rows)
+            try:
+                ok, checked = agreement(shape, dtype_name, args.device)
+            except Exception as error:  # noqa: BLE001  (report, keep going)
+                ok, checked = False, f"WRONG: the check failed: {error!r:.200}"
+            print(f"{'x'.join(map(str, shape))} {dtype_name}: {checked}", flush=True)
             dtype = getattr(torch, dtype_name)
             y = torch.randn(shape, dtype=dtype, device=args.device).requires_grad_()
             state = shade_ops.ShadeState(shape[1], device=args.device)
             for impl in IMPLEMENTATIONS:
+                if impl == "triton" and not ok:
+                    rows += [Row(shape, dtype_name, p, impl, note=checked) for p in PHASES]
+                    continue
                 if impl == "compile" and args.skip_compile:
                     continue
                 if budget.left() < (90.0 if impl == "compile" else 20.0) + reserve:
@@ -501,8 +579,13 @@ def benchmark(args, budget: Budget, copy_gbs: float | None, reserve: float = 0.0
                         row.note = f"failed: {error!r:.200}"
                     if phase == "forward" and warm > 5:
                         row.note = (row.note + f" warm-up {warm:.0f}s").strip()
+                    if impl == "triton":
+                        row.note = (row.note + " " + checked).strip()
                     row.fill_bandwidth(copy_gbs)
                     rows.append(row)
+                    _print_row(row)
+            if on_rows is not None:
+                on_rows(rows[start_rows:])
             del y, state
             if args.device == "cuda":
                 torch.cuda.empty_cache()
@@ -943,20 +1026,23 @@ def _versions(device: str) -> dict:
 
 
 def write_results(report: dict, markdown: str, args) -> list[str]:
-    """gpu_check.json and the markdown under --out, the markdown under --results-dir."""
+    """gpu_check.json and the markdown under --out; the markdown and the JSON, named by date and
+    device, under --results-dir. Each file is replaced whole (written aside, then renamed), so
+    a run killed while writing leaves the previous version."""
     name = result_name(report["versions"]["device_name"])
+    as_json = json.dumps(report, indent=1, default=str)
     written = []
-    for folder, files in ((args.out, {"gpu_check.json": json.dumps(report, indent=1,
-                                                                   default=str),
-                                      name: markdown}),
-                          (args.results_dir, {name: markdown})):
+    for folder, files in ((args.out, {"gpu_check.json": as_json, name: markdown}),
+                          (args.results_dir, {name: markdown,
+                                              name[:-len(".md")] + ".json": as_json})):
         if not folder:
             continue
         os.makedirs(folder, exist_ok=True)
         for file_name, text in files.items():
             path = os.path.join(folder, file_name)
-            with open(path, "w") as f:
+            with open(path + ".part", "w") as f:
                 f.write(text + "\n")
+            os.replace(path + ".part", path)
             written.append(path)
     return written
 
@@ -965,6 +1051,36 @@ def _print_run(run: dict) -> dict:
     print(run.get("command"), "->", run.get("summary") or run.get("skipped")
           or run.get("tail", "")[-800:], flush=True)
     return run
+
+
+def preflight(device: str, after_install: bool) -> str | None:
+    """Why the check cannot run here, in seconds rather than after minutes of install and tests,
+    or None. Before the install: torch, a CUDA device, Triton. After it, in a fresh process (what
+    the tests and benchmarks will import): shade_ops._C built, and the Triton backend available
+    for CUDA tensors."""
+    if device != "cuda":
+        return None
+    if not after_install:
+        try:
+            import torch
+        except ImportError as error:
+            return f"torch does not import: {error}"
+        if not torch.cuda.is_available():
+            return f"no CUDA device visible to torch {torch.__version__} (use --dry-run on a CPU)"
+        try:
+            import triton  # noqa: F401
+        except ImportError as error:
+            return f"Triton does not import: {error}"
+        return None
+    probe = run_command([sys.executable, "-c",
+                         "import shade_ops, shade_ops._C; "
+                         "print(shade_ops.available_backends('cuda'))"], 120.0,
+                        _env(TRITON_INTERPRET="0"))
+    if probe["returncode"] != 0:
+        return f"shade_ops._C does not import after the install: {probe['tail'][-600:]}"
+    if "'triton'" not in probe["tail"]:
+        return f"the Triton backend is not available for CUDA tensors: {probe['tail'][-300:]}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -983,38 +1099,48 @@ def main(argv: list[str] | None = None) -> dict:
 
     report: dict = dict(started=datetime.datetime.now().isoformat(timespec="seconds"),
                         args={k: v for k, v in vars(args).items()}, tests=[], rows=[],
-                        model_rows=[], goals=[], sweep=[], copy_gbs=None)
+                        model_rows=[], goals=[], sweep=[], copy_gbs=None, written=[])
+
+    def save() -> None:
+        """The results so far, JSON and markdown: a run killed at any point leaves them."""
+        report["seconds"] = round(args.budget - budget.left(), 1)
+        report.setdefault("versions", _versions(args.device))
+        report["written"] = write_results(report, report_markdown(report), args)
+
     try:
-        _check(args, budget, report)
+        _check(args, budget, report, save)
     except BaseException as error:  # noqa: BLE001  (whatever happened, write what there is)
         report["error"] = f"{type(error).__name__}: {error}"
         print("gpu_check failed:", report["error"], flush=True)
         if not isinstance(error, Exception):
             raise
     finally:
-        report["seconds"] = round(args.budget - budget.left(), 1)
-        report.setdefault("versions", _versions(args.device))
-        markdown = report_markdown(report)
-        print(markdown, flush=True)
-        report["written"] = write_results(report, markdown, args)
+        save()
+        print(report_markdown(report), flush=True)
         print("wrote", *report["written"], sep="\n  ")
     return report
 
 
-def _check(args, budget: Budget, report: dict) -> None:
-    """The steps of the check, each adding to `report`."""
+def _check(args, budget: Budget, report: dict, save) -> None:
+    """The steps of the check, each adding to `report` and saving it."""
+    why = preflight(args.device, after_install=False)
+    if why:
+        raise RuntimeError(f"pre-flight: {why}")
     if not args.skip_install:
         print("installing ...", flush=True)
         report["install"] = install(budget)
         print(report["install"]["tail"][-1500:], flush=True)
+        why = preflight(args.device, after_install=True)
+        if why:
+            raise RuntimeError(f"pre-flight after the install: {why}")
+        save()
     if not args.skip_tests:
         print("testing ...", flush=True)
         report["tests"].append(_print_run(run_tests(budget, "triton")))
+        save()
 
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("no CUDA device; use --dry-run on a CPU")
     from shade_ops import _ops
 
     report["versions"] = _versions(args.device)
@@ -1022,18 +1148,29 @@ def _check(args, budget: Budget, report: dict) -> None:
     report["copy_gbs"] = copy_gbs = copy_bandwidth(
         args.device, args.rep_ms, COPY_BYTES if args.device == "cuda" else 1 << 22)
     print(f"copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
-    rows = benchmark(args, budget, copy_gbs, reserve=0.0 if args.no_model else MODEL_SECONDS)
-    report["rows"] = [asdict(r) for r in rows]
+    save()
+
+    def add_rows(rows: list[Row]) -> None:
+        report["rows"] += [asdict(r) for r in rows]
+        save()
+
+    rows = benchmark(args, budget, copy_gbs, reserve=0.0 if args.no_model else MODEL_SECONDS,
+                     on_rows=add_rows)
     report["goals"] = goals(rows, args.shapes)
+    save()
     if not args.no_model:
         print("model level: ShadeReLU, ResNet training step ...", flush=True)
         model_rows = relu_benchmark(args, budget)
+        report["model_rows"] = [asdict(r) for r in model_rows]
+        save()
         model_rows += resnet_benchmark(args, budget)
         report["model_rows"] = [asdict(r) for r in model_rows]
         report["goals"] += model_goals(model_rows)
+        save()
     if not args.no_sweep and args.device == "cuda":
         report["sweep"] = sweep(args, budget, copy_gbs)
-    if not args.skip_tests:
+        save()
+    if not args.skip_tests and not args.quick:
         report["tests"].append(_print_run(run_tests(budget, "others")))
 
 
@@ -1060,9 +1197,18 @@ def report_markdown(report: dict) -> str:
 
 
 def succeeded(report: dict) -> bool:
-    """No error, and every test run that ran passed (or found no test to run)."""
-    return not report.get("error") and all(
-        t.get("skipped") or t.get("returncode") in (0, 5) for t in report.get("tests", []))
+    """No error, no result that disagrees with the reference, and every test run that ran passed.
+    On a GPU the CUDA tests of the Triton backend must have run: all of them skipped (say,
+    shade_ops._C did not build) is a failure, not a success."""
+    tests = report.get("tests", [])
+    if report.get("error") or any("WRONG" in r.get("note", "") for r in report.get("rows", [])):
+        return False
+    if not all(t.get("skipped") or t.get("returncode") in (0, 5) for t in tests):
+        return False
+    on_gpu = report.get("args", {}).get("device") == "cuda" and \
+        not report.get("args", {}).get("skip_tests")
+    return not on_gpu or any(re.search(r"\b[1-9]\d* passed", t.get("summary", ""))
+                             for t in tests[:1])
 
 
 if __name__ == "__main__":

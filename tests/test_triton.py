@@ -728,15 +728,64 @@ def test_gpu_check_runs_commands_without_raising():
     assert gc.succeeded(dict(tests=[done, dict(skipped="time budget")]))
     assert not gc.succeeded(dict(tests=[done, dict(returncode=1)]))
     assert not gc.succeeded(dict(error="RuntimeError: no CUDA device"))
+    # on a GPU, the CUDA tests of the Triton backend must have run: all skipped is a failure
+    on_gpu = dict(device="cuda", skip_tests=False)
+    skipped = dict(returncode=0, summary="40 skipped in 2.0s")
+    assert not gc.succeeded(dict(args=on_gpu, tests=[skipped]))
+    assert gc.succeeded(dict(args=on_gpu, tests=[dict(returncode=0, summary="3 passed in 1s")]))
+    assert not gc.succeeded(dict(args=on_gpu, tests=[]))
+    wrong = dict(note="WRONG with float64 reference (penalty 3.0e-01)")
+    assert not gc.succeeded(dict(tests=[done], rows=[wrong]))
+
+
+def test_gpu_check_quick_and_budgets():
+    gc = _gpu_check()
+    quick = gc.parse_args(["--quick"])
+    assert quick.budget == gc.QUICK_BUDGET <= 170 and quick.no_sweep
+    assert quick.shapes == gc.QUICK_SHAPES
+    assert gc.parse_args([]).budget == gc.BUDGET <= 340  # 6 minutes with the start, a rerun fits
+    dry = gc.parse_args(["--dry-run"])
+    assert dry.out is None and dry.results_dir is None  # writes nowhere in the tree
+
+
+def test_gpu_check_preflight_names_what_is_missing():
+    gc = _gpu_check()
+    assert gc.preflight("cpu", after_install=False) is None
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in gc.preflight("cuda", after_install=False)
+
+
+def test_gpu_check_agreement_catches_a_wrong_kernel(monkeypatch):
+    """The check before timing: a kernel that drifts from the reference is reported WRONG."""
+    if "triton" not in shade_ops.available_backends("cpu"):
+        pytest.skip("needs the Triton interpreter")
+    gc = _gpu_check()
+    ok, text = gc.agreement((3, 4, 5), "float32", "cpu")
+    assert ok and text.startswith("agrees"), text
+    penalty = shade_ops.penalty
+    monkeypatch.setattr(shade_ops, "penalty", lambda *a, **k: penalty(*a, **k) * 1.01)
+    ok, text = gc.agreement((3, 4, 5), "float32", "cpu")
+    assert not ok and text.startswith("WRONG"), text
 
 
 @needs_interpreter
-def test_gpu_check_dry_run(tmp_path):
+def test_gpu_check_dry_run(tmp_path, monkeypatch):
     """The whole check on tiny shapes through the interpreter: timings, the model level, table,
-    JSON, files."""
+    JSON, files; results saved after every step, so a run that dies midway leaves them."""
     gc = _gpu_check()
+    saved_midway = []
+    resnet_benchmark = gc.resnet_benchmark
+
+    def look_then_run(args, budget):
+        saved_midway.append(json.loads((tmp_path / "out" / "gpu_check.json").read_text()))
+        return resnet_benchmark(args, budget)
+
+    monkeypatch.setattr(gc, "resnet_benchmark", look_then_run)
     report = gc.main(["--dry-run", "--shape", "3x4x5", "--dtype", "float32",
                       "--out", str(tmp_path / "out"), "--results-dir", str(tmp_path / "results")])
+    assert len(saved_midway[0]["rows"]) == 6 and len(saved_midway[0]["model_rows"]) == 4
+    assert all("agrees with float64 reference" in r["note"] for r in report["rows"]
+               if r["impl"] == "triton")
     assert {r["impl"] for r in report["rows"]} == {"triton", "eager"}
     assert all(r["ms"] and r["ms"] > 0 for r in report["rows"])
     # the model level at its dry-run sizes: ShadeReLU against nn.ReLU, a ResNet-8's step
@@ -754,7 +803,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert saved["versions"]["device_name"] == "cpu" and len(saved["rows"]) == 6
     assert len(saved["model_rows"]) == 8
     markdown = list((tmp_path / "results").glob("gpu_check_*_cpu.md"))
-    assert len(markdown) == 1
+    assert len(markdown) == 1 and len(list((tmp_path / "results").glob("*.json"))) == 1
     text = markdown[0].read_text()
     assert "| 3x4x5 | float32 | forward | triton |" in text and "## Model level" in text
     assert "| ResNet-8 | 2x3x8x8 | float32 | channels_last | training step | shade |" in text
