@@ -575,15 +575,48 @@ def test_cuda_compile_fullgraph():
 
 @needs_cuda
 def test_cuda_runs_on_the_current_stream():
-    y = torch.randn(64, 16, 30, device="cuda")
+    """The kernels queue behind a long kernel of the current (side) stream: launched on another
+    stream they would read y before the copy that writes it, and the values would be wrong."""
+    source = random_activations((64, 16, 30)).cuda()
+    expected_state = ShadeState(16, device="cuda")
+    y_ref = source.clone().requires_grad_()
+    expected = reference.penalty(y_ref, expected_state)
+    (expected_grad,) = torch.autograd.grad(expected, y_ref)
     state = ShadeState(16, device="cuda")
-    expected = reference.penalty(y, ShadeState(16, device="cuda"))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
+        y = torch.zeros_like(source).requires_grad_()
+        torch.cuda._sleep(100_000_000)  # tens of milliseconds of GPU time
+        with torch.no_grad():
+            y.copy_(source)
         value = shade_ops.penalty(y, state, backend="triton")
-    torch.cuda.current_stream().wait_stream(side)
+        (grad,) = torch.autograd.grad(value, y)
+        done = torch.cuda.Event()
+        done.record(side)
+    assert not done.query(), "the side stream finished early: nothing here waits for it"
+    done.synchronize()
     assert_close(value, expected, torch.float32, "penalty", "side stream")
+    assert_close(grad, expected_grad, torch.float32, "grad", "side stream")
+    assert_close(state.mu, expected_state.mu, torch.float32, "state", "side stream")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs two CUDA GPUs")
+def test_cuda_launches_on_the_device_of_its_tensors():
+    """y on cuda:1 while the current device is 0: the kernels run on cuda:1, on its current
+    stream, and agree with the reference."""
+    y = random_activations((64, 16, 30)).to("cuda:1").requires_grad_()
+    state = ShadeState(16, device="cuda:1")
+    with torch.cuda.device(0):
+        value = shade_ops.penalty(y, state, backend="triton")
+        (grad,) = torch.autograd.grad(value, y)
+    y_ref = y.detach().clone().requires_grad_()
+    expected = reference.penalty(y_ref, ShadeState(16, device="cuda:1"))
+    (expected_grad,) = torch.autograd.grad(expected, y_ref)
+    assert value.device == torch.device("cuda:1") and grad.device == torch.device("cuda:1")
+    assert_close(value, expected, torch.float32, "penalty", "cuda:1")
+    assert_close(grad, expected_grad, torch.float32, "grad", "cuda:1")
 
 
 # ---- benchmarks/gpu_check.py on the CPU ----------------------------------------------------
