@@ -758,3 +758,27 @@ def test_gpu_check_dry_run(tmp_path):
     text = markdown[0].read_text()
     assert "| 3x4x5 | float32 | forward | triton |" in text and "## Model level" in text
     assert "| ResNet-8 | 2x3x8x8 | float32 | channels_last | training step | shade |" in text
+
+
+_ONE_THREAD_RESNET = """
+import torch
+torch.set_num_threads(1)
+import gpu_check
+args = gpu_check.parse_args(["--dry-run"])
+onednn = torch.backends.mkldnn.enabled
+rows = gpu_check.resnet_benchmark(args, gpu_check.Budget(args.budget))
+assert len(rows) == 4 and all(row.ms for row in rows), [row.note for row in rows]
+assert torch.backends.mkldnn.enabled == onednn
+"""
+
+
+def test_gpu_check_resnet_step_on_one_thread():
+    """The dry run's ResNet-8 steps on one thread, channels_last included, in a process of its
+    own: oneDNN's backward of the 4 -> 8 strided 1x1 shortcut on an NHWC input corrupted the
+    heap there ("double free or corruption", oneDNN issue #6035), so gpu_check turns oneDNN off
+    for them on the CPU, and on again after."""
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "benchmarks")]))
+    done = subprocess.run([sys.executable, "-c", _ONE_THREAD_RESNET], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.returncode, done.stdout[-2000:], done.stderr[-3000:])
