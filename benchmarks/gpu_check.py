@@ -859,6 +859,13 @@ def resnet_benchmark(args, budget: Budget) -> list[ModelRow]:
     rows = []
     tuned = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True  # as a training script has it: SHADE against tuned convs
+    onednn = torch.backends.mkldnn.enabled
+    if args.device == "cpu":
+        # oneDNN's jit_1x1 backward_weights (v3.12, as in torch 2.13) writes past its scratchpad
+        # for a strided 1x1 conv on an NHWC input with fewer input channels than its channel
+        # block (8 with AVX2, 16 with AVX-512; oneDNN issue #6035): the ResNet's 4 -> 8
+        # shortcut, channels_last, on one thread, corrupts the heap. ATen's own convs instead.
+        torch.backends.mkldnn.enabled = False
     try:
         for memory_format in MEMORY_FORMATS:
             if budget.left() < (60.0 if memory_format == "contiguous" else 45.0):
@@ -874,6 +881,7 @@ def resnet_benchmark(args, budget: Budget) -> list[ModelRow]:
                 torch.cuda.empty_cache()
     finally:
         torch.backends.cudnn.benchmark = tuned
+        torch.backends.mkldnn.enabled = onednn
     return rows
 
 

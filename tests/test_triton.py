@@ -368,6 +368,101 @@ def test_launchers_never_read_tensor_values(monkeypatch):
     triton_ops.update_state(*args["triton_update_state"])
 
 
+class _Bounds:
+    """Every load and store of the Triton kernels under the interpreter, checked against the
+    storages of the tensors passed to that launch. The interpreter turns a pointer into a host
+    address: an access outside every argument (on a GPU an illegal access, or silent corruption
+    of a neighbour) corrupts the heap here, or nothing visible happens at all."""
+
+    def __init__(self, monkeypatch) -> None:
+        interpreter = pytest.importorskip("triton.runtime.interpreter")
+        builder = interpreter.interpreter_builder
+        self.launch, self.storages = "", []
+        load, store = builder.create_masked_load, builder.create_masked_store
+
+        def checked_load(ptrs, mask, other, *args):
+            self.check("load", ptrs, mask)
+            return load(ptrs, mask, other, *args)
+
+        def checked_store(ptrs, value, mask, *args):
+            self.check("store", ptrs, mask)
+            return store(ptrs, value, mask, *args)
+
+        monkeypatch.setattr(builder, "create_masked_load", checked_load)
+        monkeypatch.setattr(builder, "create_masked_store", checked_store)
+        triton_ops = _triton()
+        for name in [n for n in vars(triton_ops) if n.endswith("_kernel")]:
+            kernel = self.Kernel(self, name, getattr(triton_ops, name))
+            monkeypatch.setattr(triton_ops, name, kernel)
+
+    class Kernel:
+        def __init__(self, bounds, name, kernel) -> None:
+            self.bounds, self.name, self.kernel = bounds, name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tensors = [a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)]
+                self.bounds.storages = [(t.untyped_storage().data_ptr(),
+                                         t.untyped_storage().nbytes()) for t in tensors]
+                self.bounds.launch = f"{self.name}{grid} " + ", ".join(
+                    f"{tuple(t.shape)}/{t.stride()}" for t in tensors)
+                try:
+                    return self.kernel[grid](*args, **kwargs)
+                finally:
+                    self.bounds.storages = []
+            return launch
+
+    def check(self, what: str, ptrs, mask) -> None:
+        import numpy as np
+
+        itemsize = ptrs.get_element_ty().primitive_bitwidth // 8
+        addresses = ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)].astype(np.uint64)
+        inside = np.zeros(addresses.shape, dtype=bool)
+        for start, size in self.storages:
+            inside |= (addresses >= start) & (addresses + itemsize <= start + size)
+        if not inside.all():  # raised before the access is made, which could crash
+            raise AssertionError(f"{what} of {int((~inside).sum())} elements outside every "
+                                 f"argument: {self.launch}")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", [*CASES, "nchw", "nchw-1x1", "many-units", "long-run"])
+def test_kernels_stay_inside_their_tensors(name, monkeypatch):
+    """Every launcher on every layout and path (the 3-D view and the (A, C, ...) tensor a
+    contiguous y goes as, the fused ReLU, the backward with a grad_out of another layout and an
+    expanded one, the update): no load or store outside the launch's tensors, and no input
+    written."""
+    extra = {"nchw": (2, 4, 8, 8), "nchw-1x1": (2, 16, 1, 1), "many-units": (3, 2100),
+             "long-run": (1, 2, 40000)}
+    if name in extra:
+        y, unit_dim = random_activations(extra[name]), 1
+    else:
+        y, unit_dim = _make(name, torch.float32, 0)
+        y = y.detach()
+    views = [units_view(y, unit_dim)]
+    if unit_dim == 1 and y.is_contiguous() and y.dim() > 3:
+        views.append(y)
+    C = views[0].shape[1]
+    mu = torch.stack([torch.linspace(-1.5, -0.5, C), torch.linspace(0.5, 1.5, C)])
+    _Bounds(monkeypatch)
+    triton_ops = _triton()
+    for y in views:
+        grad_outs = [None, torch.randn(y.shape[::-1]).permute(*reversed(range(y.dim()))),
+                     torch.randn(()).expand(y.shape)]
+        inputs = [y, mu, *grad_outs[1:]]
+        before = [t.clone() for t in inputs]
+        for reduction in ("mean", "sum"):
+            _, sums, _ = triton_ops.penalty_forward(y, mu, reduction)
+            triton_ops.relu_penalty_forward(y, mu, reduction)
+            for grad_out in grad_outs:
+                triton_ops.penalty_backward(torch.tensor(0.7), y, mu, reduction, grad_out)
+        assert all(torch.equal(a, b) for a, b in zip(inputs, before)), "an input was written"
+        # the state as ShadeState keeps it, and as (2, C) columns of a wider tensor
+        triton_ops.update_state(torch.full((2, C), 0.5), mu.clone(), sums, 0.8)
+        triton_ops.update_state(torch.full((C, 3), 0.5)[:, :2].t(),
+                                torch.zeros(C, 2).t(), sums, 0.8)
+
+
 # ---- how the work is cut (plain Python) ---------------------------------------------------
 
 @pytest.mark.parametrize("A,C,B", [(1, 1, 1), (1, 3, 70000), (37, 5, 23), (256, 64, 3136),
@@ -840,3 +935,27 @@ def test_gpu_check_dry_run(tmp_path, monkeypatch):
     text = markdown[0].read_text()
     assert "| 3x4x5 | float32 | forward | triton |" in text and "## Model level" in text
     assert "| ResNet-8 | 2x3x8x8 | float32 | channels_last | training step | shade |" in text
+
+
+_ONE_THREAD_RESNET = """
+import torch
+torch.set_num_threads(1)
+import gpu_check
+args = gpu_check.parse_args(["--dry-run"])
+onednn = torch.backends.mkldnn.enabled
+rows = gpu_check.resnet_benchmark(args, gpu_check.Budget(args.budget))
+assert len(rows) == 4 and all(row.ms for row in rows), [row.note for row in rows]
+assert torch.backends.mkldnn.enabled == onednn
+"""
+
+
+def test_gpu_check_resnet_step_on_one_thread():
+    """The dry run's ResNet-8 steps on one thread, channels_last included, in a process of its
+    own: oneDNN's backward of the 4 -> 8 strided 1x1 shortcut on an NHWC input corrupted the
+    heap there ("double free or corruption", oneDNN issue #6035), so gpu_check turns oneDNN off
+    for them on the CPU, and on again after."""
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "benchmarks")]))
+    done = subprocess.run([sys.executable, "-c", _ONE_THREAD_RESNET], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.returncode, done.stdout[-2000:], done.stderr[-3000:])
