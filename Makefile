@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build test test-fast demo bench gpu-check exp-ulp clean
+.PHONY: setup build test test-fast demo bench gpu-check triton-compat exp-ulp clean
 
 setup: $(STAMP)
 
@@ -50,8 +50,24 @@ bench: build
 gpu-check:
 	python benchmarks/gpu_check.py
 
+# The kernels compiled for sm_90 (ptxas, no GPU) with the Triton of the H200 image (3.6) as well
+# as CI's: a separate venv with the CPU torch of TORCH_SPEC and TRITON36_SPEC; fails on a kernel
+# that does not compile or spills registers. Needs shade_ops._C built (make build).
+TRITON36_SPEC ?= triton==3.6.0
+VENV36 ?= .venv-triton36
+COMPAT_SHAPES := --shape 256x64x56x56 --shape 256x256x14x14 --shape 8192x4096 --shape 128x64x16x16 \
+	--shape 5x100000x3 --shape 1x1 --shape 3x1x7 --shape 300x2x3
+triton-compat: build
+	test -x $(VENV36)/bin/python || $(PYTHON) -m venv $(VENV36)
+	$(VENV36)/bin/python -m pip install --quiet "$(TORCH_SPEC)" "$(TRITON36_SPEC)" numpy
+	mkdir -p build
+	TRITON_INTERPRET=0 PYTHONPATH=. $(VENV36)/bin/python benchmarks/gpu_check.py --compile-only \
+		--dtype float32 --dtype bfloat16 $(COMPAT_SHAPES) > build/compile_triton36.json
+	TRITON_INTERPRET=0 PYTHONPATH=. $(PY) benchmarks/gpu_check.py --compile-only \
+		--dtype float32 --dtype bfloat16 $(COMPAT_SHAPES) > build/compile_triton_ci.json
+
 clean:
-	rm -rf build shade_ops/*.so $(VENV) .pytest_cache .benchmarks
+	rm -rf build shade_ops/*.so $(VENV) $(VENV36) .pytest_cache .benchmarks
 
 # The exhaustive accuracy check of the CPU kernels' exp (csrc/tools/exp_ulp.cpp), built with the
 # flags setup.py gives the extension on this machine.

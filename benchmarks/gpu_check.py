@@ -73,8 +73,8 @@ SWEEP = [
     {"_TILE": 1024, "_NUM_WARPS": 4},
     {"_TILE": 2048, "_NUM_WARPS": 4},
     {"_TILE": 4096, "_NUM_WARPS": 8},
-    {"_PROGRAMS": 2048, "_BWD_PROGRAMS": 32768},
-    {"_PROGRAMS": 512, "_BWD_PROGRAMS": 2048},
+    {"_FWD_PER_SM": 8, "_BWD_PER_SM": 64},
+    {"_FWD_PER_SM": 2, "_BWD_PER_SM": 8},
 ]
 GOAL_COPY_FRACTION = 0.8     # forward and backward, each, of the copy bandwidth
 GOAL_SPEEDUP = 1.2           # forward+backward over torch.compile of the reference
@@ -605,6 +605,7 @@ def sweep(args, budget: Budget, copy_gbs: float | None) -> list[dict]:
         for setting in SWEEP:
             for name, value in {**defaults, **setting}.items():
                 setattr(_triton, name, value)
+            _triton._PLANS.clear()  # the launch plans were made with the previous settings
             for shape in args.shapes:
                 for dtype_name in args.dtypes:
                     if budget.left() < 60.0:
@@ -629,6 +630,7 @@ def sweep(args, budget: Budget, copy_gbs: float | None) -> list[dict]:
     finally:
         for name, value in defaults.items():
             setattr(_triton, name, value)
+        _triton._PLANS.clear()
     return results
 
 
@@ -1103,6 +1105,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compile_only:
         report = compile_report(args.shapes, args.dtypes, args.arch)
         print(json.dumps(report, indent=1))
+        import triton
+        print(f"compiled for sm_{args.arch} with Triton {triton.__version__}", file=sys.stderr)
+        for entry in report:  # a readable summary on stderr; stdout stays one JSON document
+            print(f"{'x'.join(map(str, entry['shape'])):>16} {entry['dtype']:>9} "
+                  f"{entry['kernel']:<30} grid {entry['grid'][0]:>7} "
+                  f"regs {entry.get('registers', '?'):>3} stack {entry.get('stack', '?'):>3} "
+                  f"vector loads {entry['vector_loads']}", file=sys.stderr)
         return dict(compile_report=report)
 
     report: dict = dict(started=datetime.datetime.now().isoformat(timespec="seconds"),
@@ -1209,6 +1218,8 @@ def succeeded(report: dict) -> bool:
     On a GPU the CUDA tests of the Triton backend must have run: all of them skipped (say,
     shade_ops._C did not build) is a failure, not a success."""
     tests = report.get("tests", [])
+    if any(entry.get("stack", 0) for entry in report.get("compile_report", [])):
+        return False  # --compile-only: a kernel spills registers to the stack
     if report.get("error") or any("WRONG" in r.get("note", "") for r in report.get("rows", [])):
         return False
     if not all(t.get("skipped") or t.get("returncode") in (0, 5) for t in tests):

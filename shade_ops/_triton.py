@@ -18,6 +18,7 @@ that uses them can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -40,20 +41,34 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 _TILE = 2048            # elements of y one program handles per step of its loop
 _NUM_WARPS = 8
-_PROGRAMS = 1024        # forward programs to aim for on large inputs: a constant, so the cut (and
-                        # with it the order of every addition) depends on the shape alone
-_MIN_WORK = 16384       # elements of y per forward program, at least, where the input allows
+_FWD_PER_SM = 4         # forward programs per SM on large inputs: one full wave of resident
+                        # programs at 8 warps and up to 64 registers a thread
+_MIN_WORK = 4096        # elements of y per forward program, at least, where the input allows
 _PARTIAL_ROWS = 128     # column layout: rows summed inside a program per partial written, at least
-_BWD_PROGRAMS = 8192    # the backward has no partials: more, smaller programs even out the waves
-_BWD_MIN_WORK = 8192
+_BWD_PER_SM = 16        # the backward has no partials: more, smaller programs even out the waves
+_BWD_MIN_WORK = 2048
+_STAND_IN_SMS = 132     # the SM count the cut assumes on CPU tensors (the interpreter): an H100's
 
 
 def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(1, int(n)))
+    return 1 << (max(1, int(n)) - 1).bit_length()
+
+
+def _cdiv(n: int, d: int) -> int:
+    return -(-n // d)
 
 
 def _round_up(n: int, multiple: int) -> int:
-    return triton.cdiv(n, multiple) * multiple
+    return _cdiv(n, multiple) * multiple
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device (a fixed stand-in for CPU tensors): with the shape, all the cut
+    depends on, so a result is bitwise reproducible on one device."""
+    if device.type != "cuda":
+        return _STAND_IN_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _column_tile(rows: int, cols: int) -> tuple[int, int]:
@@ -88,30 +103,31 @@ def _row_chunks(rows: int, block_r: int, col_blocks: int, numel: int, programs: 
                 min_work: int, min_rows: int = 1) -> tuple[int, int]:
     """(rows per chunk, chunks): about `programs` programs in all, each with `min_work` elements
     and `min_rows` rows at least, where the input allows."""
-    wanted = triton.cdiv(programs, col_blocks)
+    wanted = _cdiv(programs, col_blocks)
     wanted = min(wanted, max(1, numel // (min_work * col_blocks)), max(1, rows // min_rows))
-    per_chunk = _round_up(triton.cdiv(rows, max(1, wanted)), block_r)
-    return per_chunk, triton.cdiv(rows, per_chunk)
+    per_chunk = _round_up(_cdiv(rows, max(1, wanted)), block_r)
+    return per_chunk, _cdiv(rows, per_chunk)
 
 
-def _run_pieces(A: int, B: int, C: int, block_r: int,
-                block_col: int) -> tuple[int, int, int, int]:
-    """How each unit's (A, B) samples split into pieces for the runs kernel:
-    (rows_per_piece, cols_per_piece, row_pieces, col_pieces)."""
-    wanted = max(1, min(triton.cdiv(_PROGRAMS, C), (A * B) // _MIN_WORK))
-    row_blocks = triton.cdiv(A, block_r)
+def _run_pieces(A: int, B: int, C: int, block_r: int, block_col: int,
+                programs: int) -> tuple[int, int, int, int]:
+    """How each unit's (A, B) samples split into pieces for the runs kernel, about `programs`
+    pieces in all: (rows_per_piece, cols_per_piece, row_pieces, col_pieces)."""
+    wanted = max(1, min(_cdiv(programs, C), (A * B) // _MIN_WORK))
+    row_blocks = _cdiv(A, block_r)
     if wanted <= row_blocks:
-        rows_per_piece = _round_up(triton.cdiv(A, wanted), block_r)
-        return rows_per_piece, B, triton.cdiv(A, rows_per_piece), 1
-    col_pieces = min(triton.cdiv(B, block_col), triton.cdiv(wanted, row_blocks))
-    cols_per_piece = _round_up(triton.cdiv(B, col_pieces), block_col)
-    return block_r, cols_per_piece, row_blocks, triton.cdiv(B, cols_per_piece)
+        rows_per_piece = _round_up(_cdiv(A, wanted), block_r)
+        return rows_per_piece, B, _cdiv(A, rows_per_piece), 1
+    col_pieces = min(_cdiv(B, block_col), _cdiv(wanted, row_blocks))
+    cols_per_piece = _round_up(_cdiv(B, col_pieces), block_col)
+    return block_r, cols_per_piece, row_blocks, _cdiv(B, cols_per_piece)
 
 
 def _uses_columns(A: int, B: int) -> bool:
-    """Forward layout: units innermost or short runs with many rows walk (A, C*B) with the columns
-    along the vector; long runs (or few rows) reduce each unit's runs inside one program."""
-    return B == 1 or (B < 128 and A >= _PARTIAL_ROWS)
+    """Forward layout: units innermost or short runs walk (A, C*B) with the columns along the
+    vector; long runs reduce each unit's runs inside one program. (Short runs with few rows, as
+    (5, 100000, 3), would otherwise give a program of a few elements to each unit.)"""
+    return B < 128
 
 
 def _alignment(*values: int) -> int:
@@ -402,6 +418,15 @@ def _update_state_kernel(
 
 
 # ---- launchers --------------------------------------------------------------------------
+#
+# What a call needs beyond its tensors (grid, block sizes, strides, flags) is a launch plan,
+# computed once per (shape, strides, dtype, device, ...) and kept in _PLANS: the hot path is a
+# dict lookup, the allocations and the launches.
+
+_PLANS: dict = {}
+_MAX_PLANS = 4096  # a model with dynamic shapes makes plans without end: start afresh past this
+_NO_GUARD = contextlib.nullcontext()
+
 
 def _launcher(fn):
     """Under the interpreter numpy runs the kernels: keep it quiet about the NaN and Inf that the
@@ -418,6 +443,23 @@ def _launcher(fn):
     return quiet
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the current device and its current stream: make it the tensors' device
+    for the launches (a no-op context when it already is, as in the usual one-GPU process)."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(device)
+
+
+def _plan(key, make, *args):
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = make(*args)
+    return plan
+
+
 def _as_3d(y: torch.Tensor) -> torch.Tensor:
     """(A, C, ...) as (A, C, B): a view where the strides allow (always for a contiguous y)."""
     if y.dim() < 2:
@@ -425,12 +467,21 @@ def _as_3d(y: torch.Tensor) -> torch.Tensor:
     return y if y.dim() == 3 else y.reshape(y.shape[0], y.shape[1], math.prod(y.shape[2:]))
 
 
-def _check(y: torch.Tensor, mu: torch.Tensor, reduction: str) -> bool:
-    """Checks the op arguments (y as (A, C, B)); returns whether the reduction is the mean."""
+def _view_3d(y: torch.Tensor) -> tuple[tuple[int, int, int], tuple[int, int, int], bool]:
+    """The (A, C, B) shape and strides of y, and whether they are those of a view of y (else y
+    has to be reshaped, which copies, at every call)."""
+    view = _as_3d(y)
+    is_view = view.dim() == y.dim() or view.data_ptr() == y.data_ptr() and view._is_view()
+    return tuple(view.shape), tuple(view.stride()), is_view
+
+
+def _check(y: torch.Tensor, C: int, mu: torch.Tensor, reduction: str) -> bool:
+    """Checks the op arguments (C: the units of y as (A, C, B)); returns whether the reduction is
+    the mean."""
     if not y.is_floating_point():
         raise RuntimeError(f"shade_ops: y must be floating point, got {y.dtype}")
-    if mu.dim() != 2 or mu.shape[0] != 2 or mu.shape[1] != y.shape[1]:
-        raise RuntimeError(f"shade_ops: mu must have shape (2, C) with C = {y.shape[1]}, got "
+    if mu.dim() != 2 or mu.shape[0] != 2 or mu.shape[1] != C:
+        raise RuntimeError(f"shade_ops: mu must have shape (2, C) with C = {C}, got "
                            f"{tuple(mu.shape)}")
     if y.device != mu.device:
         raise RuntimeError(f"shade_ops: y ({y.device}) and mu ({mu.device}) must be on one device")
@@ -442,74 +493,109 @@ def _check(y: torch.Tensor, mu: torch.Tensor, reduction: str) -> bool:
     return reduction == "mean"
 
 
-def _merged_stride(t: torch.Tensor) -> bool:
-    """Whether dims 1 and 2 of a 3-D tensor walk as one: column j = c * B + b at j * stride(2)."""
-    return t.shape[2] == 1 or t.shape[1] == 1 or t.stride(1) == t.shape[2] * t.stride(2)
+def _merged_stride(shape, strides) -> bool:
+    """Whether dims 1 and 2 of an (A, C, B) walk as one: column j = c * B + b at j * stride(2)."""
+    return shape[2] == 1 or shape[1] == 1 or strides[1] == shape[2] * strides[2]
 
 
-def _flat_stride(t: torch.Tensor) -> int:
-    return t.stride(2) if t.shape[2] > 1 or t.shape[1] == 1 else t.stride(1)
+def _flat_stride(shape, strides) -> int:
+    return strides[2] if shape[2] > 1 or shape[1] == 1 else strides[1]
 
 
-def _forward(y: torch.Tensor, mu: torch.Tensor, reduction: str, with_relu: bool):
-    mean = _check(y, mu, reduction)
-    A, C, B = y.shape
-    count = A * B
-    acc = _ops.accumulation_dtype(y.dtype)
-    out = torch.empty((A, C, B), dtype=y.dtype, device=y.device) if with_relu else None
-    sums = torch.empty((4, C), dtype=acc, device=y.device)
-    penalty = torch.empty((), dtype=acc, device=y.device)
-    mu_copy = torch.empty((2, C), dtype=mu.dtype, device=mu.device)
-    if count == 0 or C == 0:  # an empty batch costs nothing
-        sums.zero_()
-        sums[3].fill_(float(count))
-        penalty.zero_()
-        return penalty, sums, out, mu_copy.copy_(mu)
+def _col_strides(shape, strides) -> tuple[int, int, int, bool]:
+    """(stride_a, stride_c, stride_b, flat) as the column kernels take them."""
+    flat = _merged_stride(shape, strides)
+    return (strides[0], strides[1], _flat_stride(shape, strides) if flat else strides[2], flat)
+
+
+class _ForwardPlan:
+    __slots__ = ("reshape", "shape3", "C", "count", "acc", "empty", "columns", "grid", "args",
+                 "meta", "partial_shape", "finalize_grid", "finalize_args", "finalize_meta",
+                 "blocks", "total_meta")
+
+
+def _forward_plan(y: torch.Tensor, mu: torch.Tensor, reduction: str,
+                  with_relu: bool) -> _ForwardPlan:
+    shape, strides, is_view = _view_3d(y)
+    mean = _check(y, shape[1], mu, reduction)
+    plan = _ForwardPlan()
+    A, C, B = shape
+    plan.reshape, plan.shape3, plan.C, plan.count = not is_view, shape, C, A * B
+    plan.acc = _ops.accumulation_dtype(y.dtype)
+    plan.empty = A * B == 0 or C == 0
+    if plan.empty:
+        return plan
     ACC = _acc_dtype(y.dtype)
-
+    sms = _sm_count(y.device)
     if _uses_columns(A, B):
         ncol = C * B
         block_r, block_col = _column_tile(A, ncol)
-        col_blocks = triton.cdiv(ncol, block_col)
-        rows_per_chunk, chunks = _row_chunks(A, block_r, col_blocks, A * ncol, _PROGRAMS,
+        col_blocks = _cdiv(ncol, block_col)
+        rows_per_chunk, chunks = _row_chunks(A, block_r, col_blocks, A * ncol, sms * _FWD_PER_SM,
                                              _MIN_WORK, _PARTIAL_ROWS)
-        partial = torch.empty((4, chunks, C, B), dtype=acc, device=y.device)
-        flat = _merged_stride(y)
-        _penalty_fwd_columns_kernel[(chunks * col_blocks,)](
-            y, mu, out if with_relu else partial, partial,
-            A, ncol, B, y.stride(0), y.stride(1), _flat_stride(y) if flat else y.stride(2),
-            mu.stride(0), mu.stride(1), rows_per_chunk, col_blocks, chunks * ncol,
-            FLAT=flat, HAS_RELU=with_relu, ACC=ACC, ALIGN=_alignment(y.stride(0), ncol),
-            BLOCK_R=block_r, BLOCK_COL=block_col, num_warps=_NUM_WARPS)
+        plan.partial_shape = (4, chunks, C, B)
+        stride_a, stride_c, stride_b, flat = _col_strides(shape, strides)
+        plan.columns, plan.grid = True, (chunks * col_blocks,)
+        plan.args = (A, ncol, B, stride_a, stride_c, stride_b, mu.stride(0), mu.stride(1),
+                     rows_per_chunk, col_blocks, chunks * ncol)
+        plan.meta = dict(FLAT=flat, HAS_RELU=with_relu, ACC=ACC,
+                         ALIGN=_alignment(stride_a, ncol), BLOCK_R=block_r, BLOCK_COL=block_col,
+                         num_warps=_NUM_WARPS)
         # unit c: entries (chunk, b) at c * B + chunk * ncol + b
-        layout = dict(P=chunks * B, P_INNER=B, partial_stride_j=chunks * ncol,
-                      partial_stride_c=B, partial_stride_outer=ncol)
+        layout = (chunks * B, B, chunks * ncol, B, ncol)
     else:
         block_r, block_col = _run_tile(A, B)
         rows_per_piece, cols_per_piece, row_pieces, col_pieces = _run_pieces(
-            A, B, C, block_r, block_col)
+            A, B, C, block_r, block_col, sms * _FWD_PER_SM)
         pieces = row_pieces * col_pieces
-        partial = torch.empty((4, C, pieces), dtype=acc, device=y.device)
-        _penalty_fwd_runs_kernel[(C * pieces,)](
-            y, mu, out if with_relu else partial, partial,
-            A, C, B, y.stride(0), y.stride(1), y.stride(2), mu.stride(0), mu.stride(1),
-            rows_per_piece, cols_per_piece, col_pieces, pieces,
-            HAS_RELU=with_relu, ACC=ACC,
-            ALIGN=_alignment(y.stride(0), y.stride(1), B, cols_per_piece),
-            BLOCK_R=block_r, BLOCK_COL=block_col, num_warps=_NUM_WARPS)
-        layout = dict(P=pieces, P_INNER=pieces, partial_stride_j=C * pieces,
-                      partial_stride_c=pieces, partial_stride_outer=0)
+        plan.partial_shape = (4, C, pieces)
+        plan.columns, plan.grid = False, (C * pieces,)
+        plan.args = (A, C, B, *strides, mu.stride(0), mu.stride(1),
+                     rows_per_piece, cols_per_piece, col_pieces, pieces)
+        plan.meta = dict(HAS_RELU=with_relu, ACC=ACC,
+                         ALIGN=_alignment(strides[0], strides[1], B, cols_per_piece),
+                         BLOCK_R=block_r, BLOCK_COL=block_col, num_warps=_NUM_WARPS)
+        layout = (pieces, pieces, C * pieces, pieces, 0)
+    P = layout[0]
+    block_c, block_p = _finalize_tile(C, P)
+    plan.blocks = _cdiv(C, block_c)
+    plan.finalize_grid = (plan.blocks,)
+    plan.finalize_args = (C, A * B, *layout, mu.stride(0), mu.stride(1))
+    plan.finalize_meta = dict(MEAN=mean, ACC=ACC, BLOCK_C=block_c, BLOCK_P=block_p,
+                              num_warps=_NUM_WARPS)
+    plan.total_meta = dict(ACC=ACC, BLOCK=min(_pow2(plan.blocks), 1024), num_warps=_NUM_WARPS)
+    return plan
 
-    block_c, block_p = _finalize_tile(C, layout["P"])
-    blocks = triton.cdiv(C, block_c)
-    per_block = penalty if blocks == 1 else torch.empty(blocks, dtype=acc, device=y.device)
-    _penalty_finalize_kernel[(blocks,)](
-        partial, sums, per_block, mu, mu_copy, C, count, **layout,
-        stride_mu_z=mu.stride(0), stride_mu_c=mu.stride(1),
-        MEAN=mean, ACC=ACC, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=_NUM_WARPS)
-    if blocks > 1:
-        _penalty_total_kernel[(1,)](per_block, penalty, blocks, ACC=ACC,
-                                    BLOCK=min(_pow2(blocks), 1024), num_warps=_NUM_WARPS)
+
+def _forward(y: torch.Tensor, mu: torch.Tensor, reduction: str, with_relu: bool):
+    """(penalty, sums, relu(y) of y's shape or None, copy of mu)."""
+    plan = _plan((y.shape, y.stride(), y.dtype, y.device, mu.shape, mu.stride(), mu.dtype,
+                  mu.device, reduction, with_relu), _forward_plan, y, mu, reduction, with_relu)
+    device = y.device
+    acc = plan.acc
+    C = plan.C
+    out = torch.empty(y.shape, dtype=y.dtype, device=device) if with_relu else None
+    sums = torch.empty((4, C), dtype=acc, device=device)
+    penalty = torch.empty((), dtype=acc, device=device)
+    mu_copy = torch.empty((2, C), dtype=mu.dtype, device=device)
+    if plan.empty:  # an empty batch costs nothing
+        sums.zero_()
+        sums[3].fill_(float(plan.count))
+        penalty.zero_()
+        return penalty, sums, out, mu_copy.copy_(mu)
+    if plan.reshape:
+        y = _as_3d(y)
+    partial = torch.empty(plan.partial_shape, dtype=acc, device=device)
+    per_block = penalty if plan.blocks == 1 else torch.empty(plan.blocks, dtype=acc,
+                                                             device=device)
+    with _on_device(device):
+        # kernels looked up at each call, not kept in the plan: tests wrap them
+        kernel = _penalty_fwd_columns_kernel if plan.columns else _penalty_fwd_runs_kernel
+        kernel[plan.grid](y, mu, out if with_relu else partial, partial, *plan.args, **plan.meta)
+        _penalty_finalize_kernel[plan.finalize_grid](
+            partial, sums, per_block, mu, mu_copy, *plan.finalize_args, **plan.finalize_meta)
+        if plan.blocks > 1:
+            _penalty_total_kernel[(1,)](per_block, penalty, plan.blocks, **plan.total_meta)
     return penalty, sums, out, mu_copy
 
 
@@ -517,8 +603,8 @@ def _forward(y: torch.Tensor, mu: torch.Tensor, reduction: str, with_relu: bool)
 def penalty_forward(y: torch.Tensor, mu: torch.Tensor,
                     reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The penalty of SPEC section 2, the (4, C) batch sums (sum s, sum s*y, sum q*y, K) and a
-    contiguous copy of mu (what autograd keeps for the backward)."""
-    penalty, sums, _, mu_copy = _forward(_as_3d(y), mu, reduction, with_relu=False)
+    contiguous copy of mu (what autograd keeps for the backward). y: (A, C, B) or (A, C, ...)."""
+    penalty, sums, _, mu_copy = _forward(y, mu, reduction, with_relu=False)
     return penalty, sums, mu_copy
 
 
@@ -528,8 +614,42 @@ def relu_penalty_forward(
         reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(penalty, sums, relu(y), copy of mu): :func:`penalty_forward` plus relu(y), a contiguous
     tensor of y's shape written in the same pass."""
-    penalty, sums, out, mu_copy = _forward(_as_3d(y), mu, reduction, with_relu=True)
-    return penalty, sums, out.view(y.shape), mu_copy
+    return _forward(y, mu, reduction, with_relu=True)
+
+
+class _BackwardPlan:
+    __slots__ = ("reshape", "go_reshape", "grid", "args", "meta")
+
+
+def _backward_plan(grad_penalty: torch.Tensor, y: torch.Tensor, mu: torch.Tensor,
+                   reduction: str, grad_out: torch.Tensor | None) -> _BackwardPlan:
+    if grad_out is not None and grad_out.shape != y.shape:
+        raise RuntimeError(f"shade_ops: grad_out must have y's shape {tuple(y.shape)}, got "
+                           f"{tuple(grad_out.shape)}")
+    shape, strides, is_view = _view_3d(y)
+    mean = _check(y, shape[1], mu, reduction)
+    plan = _BackwardPlan()
+    plan.reshape = not is_view
+    if math.prod(shape) == 0:
+        return plan
+    go_shape, go_strides, go_is_view = _view_3d(grad_out) if grad_out is not None \
+        else (shape, strides, True)
+    plan.go_reshape = not go_is_view
+    A, C, B = shape
+    ncol = C * B
+    block_r, block_col = _column_tile(A, ncol)
+    col_blocks = _cdiv(ncol, block_col)
+    rows_per_chunk, chunks = _row_chunks(A, block_r, col_blocks, A * ncol,
+                                         _sm_count(y.device) * _BWD_PER_SM, _BWD_MIN_WORK)
+    stride_a, stride_c, stride_b, flat = _col_strides(shape, strides)
+    go_a, go_c, go_b, go_flat = _col_strides(go_shape, go_strides)
+    plan.grid = (chunks * col_blocks,)
+    plan.args = (A, ncol, B, A * B, stride_a, stride_c, stride_b, mu.stride(0), mu.stride(1),
+                 go_a, go_c, go_b, rows_per_chunk, col_blocks)
+    plan.meta = dict(FLAT=flat, GO_FLAT=go_flat, MEAN=mean, HAS_GRAD_OUT=grad_out is not None,
+                     ACC=_acc_dtype(y.dtype), ALIGN=_alignment(stride_a, go_a, ncol),
+                     BLOCK_R=block_r, BLOCK_COL=block_col, num_warps=_NUM_WARPS)
+    return plan
 
 
 @_launcher
@@ -537,36 +657,24 @@ def penalty_backward(grad_penalty: torch.Tensor, y: torch.Tensor, mu: torch.Tens
                      reduction: str, grad_out: torch.Tensor | None = None) -> torch.Tensor:
     """grad_penalty * d penalty / d y (SPEC section 3), plus grad_out * (y > 0) when grad_out is
     given (the fused ShadeReLU), as a contiguous tensor of y's shape and dtype."""
-    shape = y.shape
-    if grad_out is not None and grad_out.shape != shape:
-        raise RuntimeError(f"shade_ops: grad_out must have y's shape {tuple(shape)}, got "
-                           f"{tuple(grad_out.shape)}")
-    y = _as_3d(y)
-    grad_out = _as_3d(grad_out) if grad_out is not None else None
-    mean = _check(y, mu, reduction)
-    A, C, B = y.shape
-    grad = torch.empty(shape, dtype=y.dtype, device=y.device)
+    has_go = grad_out is not None
+    plan = _plan((y.shape, y.stride(), y.dtype, y.device, mu.shape, mu.stride(), mu.dtype,
+                  mu.device, reduction, grad_out.shape if has_go else None,
+                  grad_out.stride() if has_go else None), _backward_plan,
+                 grad_penalty, y, mu, reduction, grad_out)
+    device = y.device
+    grad = torch.empty(y.shape, dtype=y.dtype, device=device)
     if grad.numel() == 0:
         return grad
-    if grad_penalty.device != y.device:
-        grad_penalty = grad_penalty.to(y.device)
-    ncol = C * B
-    block_r, block_col = _column_tile(A, ncol)
-    col_blocks = triton.cdiv(ncol, block_col)
-    rows_per_chunk, chunks = _row_chunks(A, block_r, col_blocks, A * ncol, _BWD_PROGRAMS,
-                                         _BWD_MIN_WORK)
-    flat = _merged_stride(y)
-    go = grad_out if grad_out is not None else y
-    go_flat = _merged_stride(go)
-    _penalty_bwd_kernel[(chunks * col_blocks,)](
-        grad_penalty, y, mu, go, grad,
-        A, ncol, B, A * B, y.stride(0), y.stride(1), _flat_stride(y) if flat else y.stride(2),
-        mu.stride(0), mu.stride(1),
-        go.stride(0), go.stride(1), _flat_stride(go) if go_flat else go.stride(2),
-        rows_per_chunk, col_blocks,
-        FLAT=flat, GO_FLAT=go_flat, MEAN=mean, HAS_GRAD_OUT=grad_out is not None,
-        ACC=_acc_dtype(y.dtype), ALIGN=_alignment(y.stride(0), go.stride(0), ncol),
-        BLOCK_R=block_r, BLOCK_COL=block_col, num_warps=_NUM_WARPS)
+    if grad_penalty.device != device:
+        grad_penalty = grad_penalty.to(device)
+    if plan.reshape:
+        y = _as_3d(y)
+    go = y
+    if has_go:
+        go = _as_3d(grad_out) if plan.go_reshape else grad_out
+    with _on_device(device):
+        _penalty_bwd_kernel[plan.grid](grad_penalty, y, mu, go, grad, *plan.args, **plan.meta)
     return grad
 
 
@@ -579,24 +687,43 @@ def _float32_pair(x: float) -> tuple[float, float]:
     return hi, float32(float(x) - hi)
 
 
-@_launcher
-def update_state(p: torch.Tensor, mu: torch.Tensor, sums: torch.Tensor, decay: float) -> None:
-    """Algorithm 1 of the paper with the guards of SPEC section 4, in place, in one launch."""
+@functools.lru_cache(maxsize=64)
+def _decay_args(decay: float) -> tuple[float, float, float, float]:
+    return (*_float32_pair(decay), *_float32_pair(1.0 - decay))
+
+
+class _UpdatePlan:
+    __slots__ = ("C", "grid", "args", "meta")
+
+
+def _update_plan(p: torch.Tensor, mu: torch.Tensor, sums: torch.Tensor) -> _UpdatePlan:
     if p.dim() != 2 or p.shape[0] != 2:
         raise RuntimeError(f"update_state: p must have shape (2, C), got {tuple(p.shape)}")
     if mu.shape != p.shape:
         raise RuntimeError("update_state: mu must have the shape of p")
     if sums.dim() != 2 or sums.shape[0] != 4 or sums.shape[1] != p.shape[1]:
         raise RuntimeError("update_state: sums must have shape (4, C)")
-    C = p.shape[1]
-    if C == 0:
-        return
-    compute = torch.promote_types(p.dtype, sums.dtype)
+    plan = _UpdatePlan()
+    C = plan.C = p.shape[1]
     block = min(_pow2(C), 1024)
-    _update_state_kernel[(triton.cdiv(C, block),)](
-        p, mu, sums, C, p.stride(0), p.stride(1), mu.stride(0), mu.stride(1),
-        sums.stride(0), sums.stride(1), *_float32_pair(decay), *_float32_pair(1.0 - decay),
-        COMPUTE=_acc_dtype(compute), BLOCK=block, num_warps=_NUM_WARPS)
+    plan.grid = (_cdiv(C, block),)
+    plan.args = (C, p.stride(0), p.stride(1), mu.stride(0), mu.stride(1),
+                 sums.stride(0), sums.stride(1))
+    plan.meta = dict(COMPUTE=_acc_dtype(torch.promote_types(p.dtype, sums.dtype)), BLOCK=block,
+                     num_warps=_NUM_WARPS)
+    return plan
+
+
+@_launcher
+def update_state(p: torch.Tensor, mu: torch.Tensor, sums: torch.Tensor, decay: float) -> None:
+    """Algorithm 1 of the paper with the guards of SPEC section 4, in place, in one launch."""
+    plan = _plan((p.shape, p.stride(), p.dtype, mu.shape, mu.stride(), sums.shape,
+                  sums.stride(), sums.dtype, p.device), _update_plan, p, mu, sums)
+    if plan.C == 0:
+        return
+    with _on_device(p.device):
+        _update_state_kernel[plan.grid](p, mu, sums, *plan.args, *_decay_args(decay),
+                                        **plan.meta)
 
 
 # ---- registration -----------------------------------------------------------------------

@@ -264,6 +264,78 @@ def test_several_programs_bitwise_reproducible(shape):
     assert_close(first[1], sums_ref, torch.float32, "penalty", "sums")
 
 
+# ---- the interpreter: launch plans, launch count, NaN, reproducibility ---------------------
+
+class _CountLaunches:
+    """Wraps every kernel of shade_ops._triton: counts the launches, by kernel name."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.launches: list[str] = []
+        triton_ops = _triton()
+        for name in [n for n in vars(triton_ops) if n.endswith("_kernel")]:
+            monkeypatch.setattr(triton_ops, name, self.Kernel(self, name,
+                                                              getattr(triton_ops, name)))
+
+    class Kernel:
+        def __init__(self, counter, name, kernel) -> None:
+            self.counter, self.name, self.kernel = counter, name, kernel
+
+        def __getitem__(self, grid):
+            self.counter.launches.append(self.name)
+            return self.kernel[grid]
+
+
+@needs_interpreter
+def test_launch_plans_are_cached_per_shape_and_strides():
+    triton_ops = _triton()
+    triton_ops._PLANS.clear()
+    y = random_activations((9, 4, 7))
+    mu = torch.zeros(2, 4)
+    first = triton_ops.penalty_forward(y, mu, "mean")
+    assert len(triton_ops._PLANS) == 1
+    (plan,) = triton_ops._PLANS.values()
+    second = triton_ops.penalty_forward(y.clone(), mu, "mean")  # same shape and strides
+    assert len(triton_ops._PLANS) == 1 and next(iter(triton_ops._PLANS.values())) is plan
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    other = random_activations((7, 4, 9)).transpose(0, 2)  # same shape, other strides
+    assert other.shape == y.shape and other.stride() != y.stride()
+    triton_ops.penalty_forward(other, mu, "mean")
+    assert len(triton_ops._PLANS) == 2
+    triton_ops.penalty_forward(y, mu, "sum")  # another reduction: another plan
+    assert len(triton_ops._PLANS) == 3
+
+
+@needs_interpreter
+def test_bad_arguments_make_no_plan():
+    triton_ops = _triton()
+    triton_ops._PLANS.clear()
+    with pytest.raises(RuntimeError, match="mu must have shape"):
+        triton_ops.penalty_forward(random_activations((3, 4, 5)), torch.zeros(2, 3), "mean")
+    with pytest.raises(RuntimeError, match="reduction"):
+        triton_ops.penalty_forward(random_activations((3, 4, 5)), torch.zeros(2, 4), "max")
+    assert not triton_ops._PLANS
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shape", [(600, 9, 7), (3, 2100), (1, 2, 40000), (5, 300, 3)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_consecutive_calls_bitwise_equal(shape):
+    """The same input three times, with a call on another shape in between: every result equal
+    bit for bit (the fixed-order final sum, and the completion counter back at 0 after each
+    call)."""
+    triton_ops = _triton()
+    y = random_activations(shape, torch.float32, 11)
+    mu = torch.stack([torch.full((shape[1],), -0.5), torch.full((shape[1],), 1.5)])
+    first = triton_ops.relu_penalty_forward(y, mu, "mean")
+    second = triton_ops.relu_penalty_forward(y, mu, "mean")
+    triton_ops.penalty_forward(random_activations((7, 3, 5)), torch.zeros(2, 3), "sum")
+    third = triton_ops.relu_penalty_forward(y, mu, "mean")
+    for result in (second, third):
+        assert all(torch.equal(a, b) for a, b in zip(first, result))
+    if hasattr(triton_ops, "_COUNTERS"):
+        assert all(not counter.any() for counter in triton_ops._COUNTERS.values())
+
+
 @needs_interpreter
 @pytest.mark.parametrize("state_dtype,sums_dtype", [
     (torch.float32, torch.float32), (torch.float64, torch.float64),
@@ -470,20 +542,22 @@ def test_kernels_stay_inside_their_tensors(name, monkeypatch):
                                    (2 ** 21 + 7, 1024, 1), (5, 100000, 3)])
 def test_work_split_covers_every_sample(A, C, B):
     triton_ops = pytest.importorskip("shade_ops._triton")
+    programs = triton_ops._sm_count(torch.device("cpu")) * triton_ops._FWD_PER_SM
     if triton_ops._uses_columns(A, B):
         block_r, block_col = triton_ops._column_tile(A, C * B)
         col_blocks = -(-C * B // block_col)
         per_chunk, chunks = triton_ops._row_chunks(
-            A, block_r, col_blocks, A * C * B, triton_ops._PROGRAMS, triton_ops._MIN_WORK,
+            A, block_r, col_blocks, A * C * B, programs, triton_ops._MIN_WORK,
             triton_ops._PARTIAL_ROWS)
         assert per_chunk % block_r == 0 and (chunks - 1) * per_chunk < A <= chunks * per_chunk
     else:
         block_r, block_col = triton_ops._run_tile(A, B)
-        rows, cols, row_pieces, col_pieces = triton_ops._run_pieces(A, B, C, block_r, block_col)
+        rows, cols, row_pieces, col_pieces = triton_ops._run_pieces(A, B, C, block_r, block_col,
+                                                                    programs)
         assert rows % block_r == 0 and cols % block_col == 0 or cols == B
         assert (row_pieces - 1) * rows < A <= row_pieces * rows
         assert (col_pieces - 1) * cols < B <= col_pieces * cols
-        assert C * row_pieces * col_pieces <= max(C, 2 * triton_ops._PROGRAMS)
+        assert C * row_pieces * col_pieces <= max(C, 2 * programs)
     for block in (block_r, block_col):
         assert block & (block - 1) == 0
     assert block_r * block_col <= max(triton_ops._TILE, block_col)
