@@ -992,7 +992,13 @@ def compile_report(shapes, dtypes, arch: int = 90) -> list[dict]:
             for name, grid, kernel in compiled:
                 ptx = kernel.asm["ptx"]
                 entry = dict(shape=list(shape), dtype=dtype_name, kernel=name, grid=list(grid),
-                             vector_loads=len(re.findall(r"ld\.global[.\w]*\.v[24]\.", ptx)),
+                             # 8- and 16-byte loads, pipelined ones (cp.async to shared memory)
+                             # included
+                             vector_loads=len(re.findall(r"ld\.global[.\w]*\.v[24]\.", ptx))
+                             + len(re.findall(r"cp\.async\.c[ag]\.shared\.global.*, 0x(?:8|10)",
+                                              ptx)),
+                             async_copies=len(re.findall(r"cp\.async\.c[ag]\.shared", ptx)),
+                             shared_bytes=kernel.metadata.shared,
                              scalar_loads=len(re.findall(r"ld\.global[.\w]*\.b(?:16|32|64) ",
                                                          ptx)),
                              seconds=round(seconds, 2))
@@ -1001,9 +1007,9 @@ def compile_report(shapes, dtypes, arch: int = 90) -> list[dict]:
                     f.flush()
                     usage = sp.run([cuobjdump, "--dump-resource-usage", f.name],
                                    capture_output=True, text=True).stdout
-                found = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
+                found = re.search(r"REG:(\d+).*?STACK:(\d+).*?SHARED:(\d+)", usage)
                 if found:
-                    entry["registers"], entry["stack"] = map(int, found.groups())
+                    entry["registers"], entry["stack"], entry["shared"] = map(int, found.groups())
                 report.append(entry)
     return report
 
@@ -1111,6 +1117,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{'x'.join(map(str, entry['shape'])):>16} {entry['dtype']:>9} "
                   f"{entry['kernel']:<30} grid {entry['grid'][0]:>7} "
                   f"regs {entry.get('registers', '?'):>3} stack {entry.get('stack', '?'):>3} "
+                  f"shared {entry.get('shared_bytes', '?'):>6} "
                   f"vector loads {entry['vector_loads']}", file=sys.stderr)
         return dict(compile_report=report)
 

@@ -44,9 +44,10 @@ _NUM_WARPS = 8
 _FWD_PER_SM = 4         # forward programs per SM on large inputs: one full wave of resident
                         # programs at 8 warps and up to 64 registers a thread
 _MIN_WORK = 4096        # elements of y per forward program, at least, where the input allows
-_PARTIAL_ROWS = 128     # column layout: rows summed inside a program per partial written, at least
+_PARTIAL_ROWS = 32      # column layout: rows summed inside a program per partial written, at least
 _BWD_PER_SM = 16        # the backward has no partials: more, smaller programs even out the waves
 _BWD_MIN_WORK = 2048
+_NUM_STAGES = 3         # software pipelining of the forward's loops: loads of later steps in flight
 _STAND_IN_SMS = 132     # the SM count the cut assumes on CPU tensors (the interpreter): an H100's
 
 
@@ -78,6 +79,28 @@ def _column_tile(rows: int, cols: int) -> tuple[int, int]:
     return max(1, min(_TILE // block_col, _pow2(rows))), block_col
 
 
+def _unit_column_tile(rows: int, C: int, B: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_COL, units per block) for the forward's column walk: blocks of whole units
+    (B < 128 columns each), so that the last program of a block can finish its units. Of the
+    widths from 128 (a warp of 4-element vectors) to 512 (or more with few rows), the one whose
+    lanes are most used; units per block rounded down to keep each block's first column aligned
+    to 8 elements (vector loads) where that costs at most a sixteenth of the lanes."""
+    widest = max(min(_pow2(C * B), max(512, _TILE // _pow2(rows))), _pow2(B))
+    step = 8 // math.gcd(B, 8)
+    best = None
+    block_col = widest
+    while block_col >= min(128, widest):  # the widest of those that use their lanes best
+        units = min(block_col // B, C)
+        if units > step and units % step and (units - units % step) * B * 16 >= block_col * 15:
+            units -= units % step
+        used = units * B / block_col
+        if best is None or used > best[0]:
+            best = (used, block_col, units)
+        block_col //= 2
+    _, block_col, units = best
+    return max(1, min(_TILE // block_col, _pow2(rows))), block_col, units
+
+
 def _run_tile(rows: int, run: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_COL) for the runs of one unit: (rows, run) samples, run contiguous. The
     column block wastes at most a sixteenth of the run where a power of two allows."""
@@ -90,13 +113,6 @@ def _run_tile(rows: int, run: int) -> tuple[int, int]:
         fitting = [c for c in candidates if padded[c] - run <= run // 16]
         block_col = fitting[0] if fitting else min(candidates, key=lambda c: (padded[c], -c))
     return max(1, min(_TILE // block_col, _pow2(rows))), block_col
-
-
-def _finalize_tile(units: int, partials: int) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_P) for adding `partials` partial sums of each of `units` units: one
-    program for up to a tile of them, the units of a program in one go."""
-    block_p = min(_pow2(partials), 128)
-    return max(1, min(_TILE // block_p, _pow2(units))), block_p
 
 
 def _row_chunks(rows: int, block_r: int, col_blocks: int, numel: int, programs: int,
@@ -124,10 +140,12 @@ def _run_pieces(A: int, B: int, C: int, block_r: int, block_col: int,
 
 
 def _uses_columns(A: int, B: int) -> bool:
-    """Forward layout: units innermost or short runs walk (A, C*B) with the columns along the
-    vector; long runs reduce each unit's runs inside one program. (Short runs with few rows, as
-    (5, 100000, 3), would otherwise give a program of a few elements to each unit.)"""
-    return B < 128
+    """Forward layout: units innermost or runs under 32 elements (128 bytes) walk (A, C*B) with
+    whole units along the vector; longer runs are walked unit by unit, a run along the vector.
+    (Short runs walked unit by unit would give each unit a program, of a few elements for
+    (5, 100000, 3); the column walk writes partials per column, 4 per 32 rows at most, which
+    longer runs need not pay.)"""
+    return B < 32
 
 
 def _alignment(*values: int) -> int:
@@ -148,12 +166,13 @@ def _acc_dtype(dtype: torch.dtype):
 @triton.jit
 def _probabilities(y):
     """(s, q) = (1 - exp(-relu(y)), exp(-relu(y))) of SPEC section 2, y in the accumulation dtype
-    (a NaN y may give any s and q: the NaN reaches every sum through y itself). Both keep a
+    (a NaN y gives NaN s and q, as relu and exp do in the reference: relu is a where that keeps
+    NaN, as tl.maximum does in the interpreter but not compiled for a GPU). Both keep a
     relative accuracy: q = exp(-r) for any r, and s where r is tiny too, where 1 - q would not
     (a 3% error at r = 1e-6, and s (y - mu1)^2 is most of the penalty there when mu1 is far):
     below 1/4, s is a Taylor polynomial of -expm1(-r), of degree 6 in float32 (within 5.3e-8)
     and 12 in float64 (within 1.2e-17), as the CPU kernels' scalar and float64 code computes it."""
-    r = tl.maximum(y, 0.0)
+    r = tl.where(y < 0, 0.0, y)
     q = tl.exp(-r)
     if y.dtype == tl.float64:
         p = r * (-1.0 / 479001600) + 1.0 / 39916800
@@ -170,6 +189,20 @@ def _probabilities(y):
     p = p * r - 0.5
     p = p * r + 1.0
     return tl.where(r < 0.25, p * r, 1.0 - q), q
+
+
+@triton.jit
+def _cast_to(x, DTYPE: tl.constexpr):
+    # x rounded to DTYPE, to nearest even, alike on a GPU and in the interpreter (whose float32 to
+    # bfloat16 conversion truncates): bfloat16 by hand from the float32 bits, NaN kept NaN.
+    if DTYPE == tl.bfloat16:
+        x = x.to(tl.float32)
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
 
 
 @triton.jit
@@ -203,19 +236,26 @@ def _penalty_gradient(y, mu0, mu1, w):
 
 @triton.jit
 def _penalty_fwd_columns_kernel(
-        y_ptr, mu_ptr, out_ptr, partial_ptr,
-        A, NCOL, B, stride_a, stride_c, stride_b, stride_mu_z, stride_mu_c,
-        rows_per_chunk, col_blocks, partial_stride_j,
-        FLAT: tl.constexpr, HAS_RELU: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_COL: tl.constexpr):
-    # One program: a block of columns j = c * B + b of the (A, C * B) walk, over one chunk of rows;
-    # it writes the four column sums of that chunk to partial[:, chunk, j].
+        y_ptr, mu_ptr, out_ptr, partial_ptr, sums_ptr, penalty_ptr, group_ptr, mu_copy_ptr,
+        counter_ptr,
+        A, NCOL, C, B, count, stride_a, stride_c, stride_b, stride_mu_z, stride_mu_c,
+        rows_per_chunk, chunks, col_blocks, cols_per_block, units_per_block, partial_stride_j,
+        FLAT: tl.constexpr, HAS_RELU: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr,
+        ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_COL: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_G: tl.constexpr):
+    # One program: a block of columns j = c * B + b of the (A, C * B) walk, whole units of it
+    # (units_per_block of them), over one chunk of rows; it writes the four column sums of that
+    # chunk to partial[:, chunk, j]. The last of a block's programs to finish adds them up.
     pid = tl.program_id(0).to(tl.int64)
     chunk = pid // col_blocks
-    cols = (pid % col_blocks) * BLOCK_COL + tl.arange(0, BLOCK_COL)
+    block = pid % col_blocks
+    lanes = tl.arange(0, BLOCK_COL)
     if ALIGN > 1:  # what Triton cannot see from the arguments, for vector loads
         NCOL = tl.multiple_of(NCOL, ALIGN)
-    col_mask = cols < NCOL
+        cols_per_block = tl.multiple_of(cols_per_block, ALIGN)
+    cols = block * cols_per_block + lanes
+    col_mask = (lanes < cols_per_block) & (cols < NCOL)
     unit = cols // B
     if FLAT:  # (C, B) merge into one stride: keep the columns visibly contiguous
         col_off = cols * stride_b
@@ -231,7 +271,7 @@ def _penalty_fwd_columns_kernel(
     acc_pen = tl.zeros([BLOCK_R, BLOCK_COL], dtype=ACC)
     row_start = chunk * rows_per_chunk
     row_end = tl.minimum(row_start + rows_per_chunk, A)
-    for r in range(row_start, row_end, BLOCK_R):
+    for r in tl.range(row_start, row_end, BLOCK_R, num_stages=NUM_STAGES):
         rows = r + tl.arange(0, BLOCK_R)
         mask = (rows < row_end)[:, None] & col_mask[None, :]
         row_off = rows * stride_a
@@ -256,17 +296,25 @@ def _penalty_fwd_columns_kernel(
     tl.store(partial + partial_stride_j, tl.sum(acc_sy, axis=0), mask=col_mask)
     tl.store(partial + 2 * partial_stride_j, tl.sum(acc_qy, axis=0), mask=col_mask)
     tl.store(partial + 3 * partial_stride_j, tl.sum(acc_pen, axis=0), mask=col_mask)
+    # unit c: entries (chunk, b) at c * B + chunk * NCOL + b
+    first = block * units_per_block
+    _finish_group(block, col_blocks, chunks, first, tl.minimum(first + units_per_block, C),
+                  partial_ptr, sums_ptr, penalty_ptr, group_ptr, mu_ptr, mu_copy_ptr, counter_ptr,
+                  C, count, chunks * B, B, B, NCOL, partial_stride_j, stride_mu_z, stride_mu_c,
+                  MEAN=MEAN, ACC=ACC, BLOCK_U=BLOCK_U, BLOCK_P=BLOCK_P, BLOCK_G=BLOCK_G)
 
 
 @triton.jit
 def _penalty_fwd_runs_kernel(
-        y_ptr, mu_ptr, out_ptr, partial_ptr,
-        A, C, B, stride_a, stride_c, stride_b, stride_mu_z, stride_mu_c,
+        y_ptr, mu_ptr, out_ptr, partial_ptr, sums_ptr, penalty_ptr, group_ptr, mu_copy_ptr,
+        counter_ptr,
+        A, C, B, count, stride_a, stride_c, stride_b, stride_mu_z, stride_mu_c,
         rows_per_piece, cols_per_piece, col_pieces, pieces,
-        HAS_RELU: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_COL: tl.constexpr):
+        HAS_RELU: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr,
+        NUM_STAGES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_COL: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr):
     # One program: one piece (rows x run columns) of one unit; it writes the unit's four sums over
-    # that piece to partial[:, unit, piece].
+    # that piece to partial[:, unit, piece]. The last of a unit's programs to finish adds them up.
     pid = tl.program_id(0).to(tl.int64)
     unit = pid // pieces
     piece = pid % pieces
@@ -292,7 +340,7 @@ def _penalty_fwd_runs_kernel(
         row_off = rows * stride_a
         if ALIGN > 1:
             row_off = tl.multiple_of(row_off, ALIGN)
-        for c0 in range(col_start, col_end, BLOCK_COL):
+        for c0 in tl.range(col_start, col_end, BLOCK_COL, num_stages=NUM_STAGES):
             cols = c0 + tl.arange(0, BLOCK_COL)
             mask = row_mask & (cols < col_end)[None, :]
             raw = tl.load(y_unit + row_off[:, None] + cols[None, :] * stride_b, mask=mask,
@@ -316,55 +364,71 @@ def _penalty_fwd_runs_kernel(
     tl.store(partial + partial_stride_j, tl.sum(acc_sy))
     tl.store(partial + 2 * partial_stride_j, tl.sum(acc_qy))
     tl.store(partial + 3 * partial_stride_j, tl.sum(acc_pen))
+    _finish_group(unit, C, pieces, unit, unit + 1, partial_ptr, sums_ptr, penalty_ptr, group_ptr,
+                  mu_ptr, mu_copy_ptr, counter_ptr, C, count, pieces, pieces, pieces, 0,
+                  partial_stride_j, stride_mu_z, stride_mu_c,
+                  MEAN=MEAN, ACC=ACC, BLOCK_U=1, BLOCK_P=BLOCK_P, BLOCK_G=BLOCK_G)
 
 
 @triton.jit
-def _penalty_finalize_kernel(
-        partial_ptr, sums_ptr, penalty_ptr, mu_ptr, mu_copy_ptr, C, count, P, P_INNER,
-        partial_stride_j, partial_stride_c, partial_stride_outer, stride_mu_z, stride_mu_c,
-        MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    # One program: a block of units. Entry i < P of unit c's partials lies at
-    # c * stride_c + (i // P_INNER) * stride_outer + i % P_INNER. Writes sums (4, C) and the
-    # penalty of its units to penalty_ptr[program] (the penalty itself when there is one program),
-    # and copies mu (2, C) for autograd to keep, the update that follows writing into mu itself.
-    pid = tl.program_id(0).to(tl.int64)
-    units = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-    unit_mask = units < C
-    mu_units = mu_ptr + units * stride_mu_c
-    tl.store(mu_copy_ptr + units, tl.load(mu_units, mask=unit_mask), mask=unit_mask)
-    tl.store(mu_copy_ptr + C + units, tl.load(mu_units + stride_mu_z, mask=unit_mask),
-             mask=unit_mask)
-    acc_s = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
-    acc_sy = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
-    acc_qy = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
-    acc_pen = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
-    for p0 in range(0, P, BLOCK_P):
-        i = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
-        offsets = units[:, None] * partial_stride_c \
-            + ((i // P_INNER) * partial_stride_outer + i % P_INNER)[None, :]
-        mask = unit_mask[:, None] & (i < P)[None, :]
-        acc_s += tl.load(partial_ptr + offsets, mask=mask, other=0)
-        acc_sy += tl.load(partial_ptr + partial_stride_j + offsets, mask=mask, other=0)
-        acc_qy += tl.load(partial_ptr + 2 * partial_stride_j + offsets, mask=mask, other=0)
-        acc_pen += tl.load(partial_ptr + 3 * partial_stride_j + offsets, mask=mask, other=0)
-    k = tl.cast(count, ACC)
-    tl.store(sums_ptr + units, tl.sum(acc_s, axis=1), mask=unit_mask)
-    tl.store(sums_ptr + C + units, tl.sum(acc_sy, axis=1), mask=unit_mask)
-    tl.store(sums_ptr + 2 * C + units, tl.sum(acc_qy, axis=1), mask=unit_mask)
-    tl.store(sums_ptr + 3 * C + units, tl.zeros([BLOCK_C], dtype=ACC) + k, mask=unit_mask)
-    unit_penalty = tl.sum(acc_pen, axis=1)
-    if MEAN:
-        unit_penalty = unit_penalty / k
-    tl.store(penalty_ptr + pid, tl.sum(tl.where(unit_mask, unit_penalty, 0.0)))
-
-
-@triton.jit
-def _penalty_total_kernel(block_ptr, penalty_ptr, n, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    acc = tl.zeros([BLOCK], dtype=ACC)
-    for i0 in range(0, n, BLOCK):
-        i = i0 + tl.arange(0, BLOCK)
-        acc += tl.load(block_ptr + i, mask=i < n, other=0)
-    tl.store(penalty_ptr, tl.sum(acc))
+def _finish_group(group, groups, group_size, first_unit, end_unit, partial_ptr, sums_ptr,
+                  penalty_ptr, group_ptr, mu_ptr, mu_copy_ptr, counter_ptr, C, count, P, P_INNER,
+                  partial_stride_c, partial_stride_outer, partial_stride_j, stride_mu_z,
+                  stride_mu_c, MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK_U: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr):
+    # The end of every forward program, once its partials are stored. A group is the programs
+    # whose partials cover units [first_unit, end_unit): the last of them to finish (an integer
+    # atomic counter per group) adds the group's partials, entry i < P of unit c at
+    # c * partial_stride_c + (i // P_INNER) * partial_stride_outer + i % P_INNER, into the units'
+    # sums and penalty; the last group to finish adds the group penalties into the penalty. Each
+    # addition runs in a fixed order whichever program does it, so results are bitwise
+    # reproducible; each counter is set back to 0 by its last reader, ready for the next launch
+    # on the stream, with no memset and no host work.
+    tl.debug_barrier()  # every thread's partials are stored before the counter says so
+    ticket = tl.atomic_add(counter_ptr + group, 1, sem="acq_rel", scope="gpu")
+    if ticket == group_size - 1:
+        tl.store(counter_ptr + group, 0)
+        units = (first_unit + tl.arange(0, BLOCK_U)).to(tl.int64)
+        unit_mask = units < end_unit
+        mu_units = mu_ptr + units * stride_mu_c  # mu as the forward read it, kept for autograd
+        tl.store(mu_copy_ptr + units, tl.load(mu_units, mask=unit_mask), mask=unit_mask)
+        tl.store(mu_copy_ptr + C + units, tl.load(mu_units + stride_mu_z, mask=unit_mask),
+                 mask=unit_mask)
+        acc_s = tl.zeros([BLOCK_U, BLOCK_P], dtype=ACC)
+        acc_sy = tl.zeros([BLOCK_U, BLOCK_P], dtype=ACC)
+        acc_qy = tl.zeros([BLOCK_U, BLOCK_P], dtype=ACC)
+        acc_pen = tl.zeros([BLOCK_U, BLOCK_P], dtype=ACC)
+        for p0 in range(0, P, BLOCK_P):
+            i = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
+            offsets = units[:, None] * partial_stride_c \
+                + ((i // P_INNER) * partial_stride_outer + i % P_INNER)[None, :]
+            mask = unit_mask[:, None] & (i < P)[None, :]
+            # .cg: from L2, where the other programs' partials are, never a stale L1 line
+            acc_s += tl.load(partial_ptr + offsets, mask=mask, other=0, cache_modifier=".cg")
+            acc_sy += tl.load(partial_ptr + partial_stride_j + offsets, mask=mask, other=0,
+                              cache_modifier=".cg")
+            acc_qy += tl.load(partial_ptr + 2 * partial_stride_j + offsets, mask=mask, other=0,
+                              cache_modifier=".cg")
+            acc_pen += tl.load(partial_ptr + 3 * partial_stride_j + offsets, mask=mask, other=0,
+                               cache_modifier=".cg")
+        k = tl.cast(count, ACC)
+        tl.store(sums_ptr + units, tl.sum(acc_s, axis=1), mask=unit_mask)
+        tl.store(sums_ptr + C + units, tl.sum(acc_sy, axis=1), mask=unit_mask)
+        tl.store(sums_ptr + 2 * C + units, tl.sum(acc_qy, axis=1), mask=unit_mask)
+        tl.store(sums_ptr + 3 * C + units, tl.zeros([BLOCK_U], dtype=ACC) + k, mask=unit_mask)
+        unit_penalty = tl.sum(acc_pen, axis=1)
+        if MEAN:
+            unit_penalty = unit_penalty / k
+        tl.store(group_ptr + group, tl.sum(tl.where(unit_mask, unit_penalty, 0.0)))
+        tl.debug_barrier()
+        done = tl.atomic_add(counter_ptr + groups, 1, sem="acq_rel", scope="gpu")
+        if done == groups - 1:
+            tl.store(counter_ptr + groups, 0)
+            acc = tl.zeros([BLOCK_G], dtype=ACC)
+            for g0 in range(0, groups, BLOCK_G):
+                g = g0 + tl.arange(0, BLOCK_G)
+                acc += tl.load(group_ptr + g, mask=g < groups, other=0, cache_modifier=".cg")
+            tl.store(penalty_ptr, tl.sum(acc))
 
 
 @triton.jit
@@ -418,7 +482,7 @@ def _penalty_bwd_kernel(
                          other=0).to(ACC)
             grad += tl.where(y > 0, go, 0.0)
         tl.store(grad_ptr + out_off[:, None] + cols[None, :],
-                 grad.to(grad_ptr.dtype.element_ty), mask=mask)
+                 _cast_to(grad, grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -453,10 +517,10 @@ def _update_state_kernel(
     finite = (tl.abs(b1) < inf) & (tl.abs(m0) < inf) & (tl.abs(m1) < inf)  # False for NaN too
     p_ty = p_ptr.dtype.element_ty
     mu_ty = mu_ptr.dtype.element_ty
-    tl.store(p0_ptr, tl.where(finite, new_p0, p0).to(p_ty), mask=mask)
-    tl.store(p0_ptr + stride_p_z, tl.where(finite, new_p1, p1).to(p_ty), mask=mask)
-    tl.store(mu0_ptr, tl.where(finite, new_mu0, mu0).to(mu_ty), mask=mask)
-    tl.store(mu0_ptr + stride_mu_z, tl.where(finite, new_mu1, mu1).to(mu_ty), mask=mask)
+    tl.store(p0_ptr, _cast_to(tl.where(finite, new_p0, p0), p_ty), mask=mask)
+    tl.store(p0_ptr + stride_p_z, _cast_to(tl.where(finite, new_p1, p1), p_ty), mask=mask)
+    tl.store(mu0_ptr, _cast_to(tl.where(finite, new_mu0, mu0), mu_ty), mask=mask)
+    tl.store(mu0_ptr + stride_mu_z, _cast_to(tl.where(finite, new_mu1, mu1), mu_ty), mask=mask)
 
 
 # ---- launchers --------------------------------------------------------------------------
@@ -551,9 +615,23 @@ def _col_strides(shape, strides) -> tuple[int, int, int, bool]:
 
 
 class _ForwardPlan:
-    __slots__ = ("reshape", "shape3", "C", "count", "acc", "empty", "columns", "grid", "args",
-                 "meta", "partial_shape", "finalize_grid", "finalize_args", "finalize_meta",
-                 "blocks", "total_meta")
+    __slots__ = ("reshape", "C", "count", "acc", "empty", "columns", "grid", "args", "meta",
+                 "partial_shape", "groups")
+
+
+_COUNTERS: dict = {}  # (device, stream) -> int32 completion counters, all 0 between launches
+
+
+def _counters(device: torch.device, needed: int) -> torch.Tensor:
+    """The completion counters of the forward on the current stream of `device`: one launch at a
+    time uses them (launches on one stream run in order), and each launch leaves them at 0."""
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    counters = _COUNTERS.get((device, stream))
+    if counters is None or counters.numel() < needed:
+        size = max(needed, 2 * counters.numel() if counters is not None else 1024)
+        counters = _COUNTERS[(device, stream)] = torch.zeros(size, dtype=torch.int32,
+                                                            device=device)
+    return counters
 
 
 def _forward_plan(y: torch.Tensor, mu: torch.Tensor, reduction: str,
@@ -562,55 +640,52 @@ def _forward_plan(y: torch.Tensor, mu: torch.Tensor, reduction: str,
     mean = _check(y, shape[1], mu, reduction)
     plan = _ForwardPlan()
     A, C, B = shape
-    plan.reshape, plan.shape3, plan.C, plan.count = not is_view, shape, C, A * B
+    plan.reshape, plan.C, plan.count = not is_view, C, A * B
     plan.acc = _ops.accumulation_dtype(y.dtype)
     plan.empty = A * B == 0 or C == 0
     if plan.empty:
         return plan
     ACC = _acc_dtype(y.dtype)
     sms = _sm_count(y.device)
-    if _uses_columns(A, B):
+    plan.columns = _uses_columns(A, B)
+    if plan.columns:
         ncol = C * B
-        block_r, block_col = _column_tile(A, ncol)
-        col_blocks = _cdiv(ncol, block_col)
+        block_r, block_col, units_per_block = _unit_column_tile(A, C, B)
+        cols_per_block = units_per_block * B
+        col_blocks = _cdiv(C, units_per_block)
         rows_per_chunk, chunks = _row_chunks(A, block_r, col_blocks, A * ncol, sms * _FWD_PER_SM,
                                              _MIN_WORK, _PARTIAL_ROWS)
         plan.partial_shape = (4, chunks, C, B)
         stride_a, stride_c, stride_b, flat = _col_strides(shape, strides)
-        plan.columns, plan.grid = True, (chunks * col_blocks,)
-        plan.args = (A, ncol, B, stride_a, stride_c, stride_b, mu.stride(0), mu.stride(1),
-                     rows_per_chunk, col_blocks, chunks * ncol)
-        plan.meta = dict(FLAT=flat, HAS_RELU=with_relu, ACC=ACC,
-                         ALIGN=_alignment(stride_a, ncol), BLOCK_R=block_r, BLOCK_COL=block_col,
-                         num_warps=_NUM_WARPS)
-        # unit c: entries (chunk, b) at c * B + chunk * ncol + b
-        layout = (chunks * B, B, chunks * ncol, B, ncol)
+        plan.grid, plan.groups = (chunks * col_blocks,), col_blocks
+        plan.args = (A, ncol, C, B, A * B, stride_a, stride_c, stride_b, mu.stride(0),
+                     mu.stride(1), rows_per_chunk, chunks, col_blocks, cols_per_block,
+                     units_per_block, chunks * ncol)
+        block_u = _pow2(units_per_block)
+        plan.meta = dict(FLAT=flat, HAS_RELU=with_relu, MEAN=mean, ACC=ACC,
+                         ALIGN=_alignment(stride_a, ncol, cols_per_block),
+                         NUM_STAGES=_NUM_STAGES, BLOCK_R=block_r, BLOCK_COL=block_col,
+                         BLOCK_U=block_u, BLOCK_P=max(1, min(_pow2(chunks * B), _TILE // block_u)),
+                         BLOCK_G=min(_pow2(col_blocks), 1024), num_warps=_NUM_WARPS)
     else:
         block_r, block_col = _run_tile(A, B)
         rows_per_piece, cols_per_piece, row_pieces, col_pieces = _run_pieces(
             A, B, C, block_r, block_col, sms * _FWD_PER_SM)
         pieces = row_pieces * col_pieces
         plan.partial_shape = (4, C, pieces)
-        plan.columns, plan.grid = False, (C * pieces,)
-        plan.args = (A, C, B, *strides, mu.stride(0), mu.stride(1),
+        plan.grid, plan.groups = (C * pieces,), C
+        plan.args = (A, C, B, A * B, *strides, mu.stride(0), mu.stride(1),
                      rows_per_piece, cols_per_piece, col_pieces, pieces)
-        plan.meta = dict(HAS_RELU=with_relu, ACC=ACC,
+        plan.meta = dict(HAS_RELU=with_relu, MEAN=mean, ACC=ACC,
                          ALIGN=_alignment(strides[0], strides[1], B, cols_per_piece),
-                         BLOCK_R=block_r, BLOCK_COL=block_col, num_warps=_NUM_WARPS)
-        layout = (pieces, pieces, C * pieces, pieces, 0)
-    P = layout[0]
-    block_c, block_p = _finalize_tile(C, P)
-    plan.blocks = _cdiv(C, block_c)
-    plan.finalize_grid = (plan.blocks,)
-    plan.finalize_args = (C, A * B, *layout, mu.stride(0), mu.stride(1))
-    plan.finalize_meta = dict(MEAN=mean, ACC=ACC, BLOCK_C=block_c, BLOCK_P=block_p,
-                              num_warps=_NUM_WARPS)
-    plan.total_meta = dict(ACC=ACC, BLOCK=min(_pow2(plan.blocks), 1024), num_warps=_NUM_WARPS)
+                         NUM_STAGES=_NUM_STAGES, BLOCK_R=block_r, BLOCK_COL=block_col,
+                         BLOCK_P=min(_pow2(pieces), _TILE), BLOCK_G=min(_pow2(C), 1024),
+                         num_warps=_NUM_WARPS)
     return plan
 
 
 def _forward(y: torch.Tensor, mu: torch.Tensor, reduction: str, with_relu: bool):
-    """(penalty, sums, relu(y) of y's shape or None, copy of mu)."""
+    """(penalty, sums, relu(y) of y's shape or None, copy of mu), in one launch."""
     plan = _plan((y.shape, y.stride(), y.dtype, y.device, mu.shape, mu.stride(), mu.dtype,
                   mu.device, reduction, with_relu), _forward_plan, y, mu, reduction, with_relu)
     device = y.device
@@ -628,16 +703,13 @@ def _forward(y: torch.Tensor, mu: torch.Tensor, reduction: str, with_relu: bool)
     if plan.reshape:
         y = _as_3d(y)
     partial = torch.empty(plan.partial_shape, dtype=acc, device=device)
-    per_block = penalty if plan.blocks == 1 else torch.empty(plan.blocks, dtype=acc,
-                                                             device=device)
+    groups = torch.empty(plan.groups, dtype=acc, device=device)
     with _on_device(device):
+        counters = _counters(device, plan.groups + 1)
         # kernels looked up at each call, not kept in the plan: tests wrap them
         kernel = _penalty_fwd_columns_kernel if plan.columns else _penalty_fwd_runs_kernel
-        kernel[plan.grid](y, mu, out if with_relu else partial, partial, *plan.args, **plan.meta)
-        _penalty_finalize_kernel[plan.finalize_grid](
-            partial, sums, per_block, mu, mu_copy, *plan.finalize_args, **plan.finalize_meta)
-        if plan.blocks > 1:
-            _penalty_total_kernel[(1,)](per_block, penalty, plan.blocks, **plan.total_meta)
+        kernel[plan.grid](y, mu, out if with_relu else partial, partial, sums, penalty, groups,
+                          mu_copy, counters, *plan.args, **plan.meta)
     return penalty, sums, out, mu_copy
 
 
