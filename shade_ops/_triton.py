@@ -41,8 +41,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 _TILE = 2048            # elements of y one program handles per step of its loop
 _NUM_WARPS = 8
-_FWD_PER_SM = 4         # forward programs per SM on large inputs: one full wave of resident
-                        # programs at 8 warps and up to 64 registers a thread
+_FWD_PER_SM = 2         # forward programs per SM on large inputs: one full wave, two programs
+                        # of 8 warps and 80-106 registers a thread fit an SM (docs/triton.md)
 _MIN_WORK = 4096        # elements of y per forward program, at least, where the input allows
 _PARTIAL_ROWS = 32      # column layout: rows summed inside a program per partial written, at least
 _BWD_PER_SM = 16        # the backward has no partials: more, smaller programs even out the waves
@@ -237,7 +237,7 @@ def _penalty_gradient(y, mu0, mu1, w):
 @triton.jit
 def _penalty_fwd_columns_kernel(
         y_ptr, mu_ptr, out_ptr, partial_ptr, sums_ptr, penalty_ptr, group_ptr, mu_copy_ptr,
-        counter_ptr,
+        counter_ptr, group_offset,
         A, NCOL, C, B, count, stride_a, stride_c, stride_b, stride_mu_z, stride_mu_c,
         rows_per_chunk, chunks, col_blocks, cols_per_block, units_per_block, partial_stride_j,
         FLAT: tl.constexpr, HAS_RELU: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr,
@@ -299,15 +299,15 @@ def _penalty_fwd_columns_kernel(
     # unit c: entries (chunk, b) at c * B + chunk * NCOL + b
     first = block * units_per_block
     _finish_group(block, col_blocks, chunks, first, tl.minimum(first + units_per_block, C),
-                  partial_ptr, sums_ptr, penalty_ptr, group_ptr, mu_ptr, mu_copy_ptr, counter_ptr,
-                  C, count, chunks * B, B, B, NCOL, partial_stride_j, stride_mu_z, stride_mu_c,
+                  partial_ptr, sums_ptr, penalty_ptr, group_ptr + group_offset, mu_ptr,
+                  mu_copy_ptr, counter_ptr, C, count, chunks * B, B, B, NCOL, partial_stride_j, stride_mu_z, stride_mu_c,
                   MEAN=MEAN, ACC=ACC, BLOCK_U=BLOCK_U, BLOCK_P=BLOCK_P, BLOCK_G=BLOCK_G)
 
 
 @triton.jit
 def _penalty_fwd_runs_kernel(
         y_ptr, mu_ptr, out_ptr, partial_ptr, sums_ptr, penalty_ptr, group_ptr, mu_copy_ptr,
-        counter_ptr,
+        counter_ptr, group_offset,
         A, C, B, count, stride_a, stride_c, stride_b, stride_mu_z, stride_mu_c,
         rows_per_piece, cols_per_piece, col_pieces, pieces,
         HAS_RELU: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr,
@@ -364,8 +364,8 @@ def _penalty_fwd_runs_kernel(
     tl.store(partial + partial_stride_j, tl.sum(acc_sy))
     tl.store(partial + 2 * partial_stride_j, tl.sum(acc_qy))
     tl.store(partial + 3 * partial_stride_j, tl.sum(acc_pen))
-    _finish_group(unit, C, pieces, unit, unit + 1, partial_ptr, sums_ptr, penalty_ptr, group_ptr,
-                  mu_ptr, mu_copy_ptr, counter_ptr, C, count, pieces, pieces, pieces, 0,
+    _finish_group(unit, C, pieces, unit, unit + 1, partial_ptr, sums_ptr, penalty_ptr,
+                  group_ptr + group_offset, mu_ptr, mu_copy_ptr, counter_ptr, C, count, pieces, pieces, pieces, 0,
                   partial_stride_j, stride_mu_z, stride_mu_c,
                   MEAN=MEAN, ACC=ACC, BLOCK_U=1, BLOCK_P=BLOCK_P, BLOCK_G=BLOCK_G)
 
@@ -616,22 +616,25 @@ def _col_strides(shape, strides) -> tuple[int, int, int, bool]:
 
 class _ForwardPlan:
     __slots__ = ("reshape", "C", "count", "acc", "empty", "columns", "grid", "args", "meta",
-                 "partial_shape", "groups")
+                 "scratch", "groups")
 
 
-_COUNTERS: dict = {}  # (device, stream) -> int32 completion counters, all 0 between launches
+# Per (device, stream): the forward's int32 completion counters, all 0 between launches, and its
+# scratch (partial sums, group penalties). One launch at a time uses them, as launches on one
+# stream run in order; the caching allocator reuses a replaced buffer only in stream order.
+_COUNTERS: dict = {}
+_SCRATCH: dict = {}
 
 
-def _counters(device: torch.device, needed: int) -> torch.Tensor:
-    """The completion counters of the forward on the current stream of `device`: one launch at a
-    time uses them (launches on one stream run in order), and each launch leaves them at 0."""
-    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
-    counters = _COUNTERS.get((device, stream))
-    if counters is None or counters.numel() < needed:
-        size = max(needed, 2 * counters.numel() if counters is not None else 1024)
-        counters = _COUNTERS[(device, stream)] = torch.zeros(size, dtype=torch.int32,
-                                                            device=device)
-    return counters
+def _stream_buffer(buffers: dict, device: torch.device, stream: int, dtype: torch.dtype,
+                   needed: int) -> torch.Tensor:
+    key = (device, stream, dtype)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < needed:
+        size = max(needed, 2 * buffer.numel() if buffer is not None else 1024)
+        # zeros: the counters' state between launches (the scratch is written before it is read)
+        buffer = buffers[key] = torch.zeros(size, dtype=dtype, device=device)
+    return buffer
 
 
 def _forward_plan(y: torch.Tensor, mu: torch.Tensor, reduction: str,
@@ -655,7 +658,7 @@ def _forward_plan(y: torch.Tensor, mu: torch.Tensor, reduction: str,
         col_blocks = _cdiv(C, units_per_block)
         rows_per_chunk, chunks = _row_chunks(A, block_r, col_blocks, A * ncol, sms * _FWD_PER_SM,
                                              _MIN_WORK, _PARTIAL_ROWS)
-        plan.partial_shape = (4, chunks, C, B)
+        plan.scratch = 4 * chunks * ncol  # partial[4, chunks, C, B], then the group penalties
         stride_a, stride_c, stride_b, flat = _col_strides(shape, strides)
         plan.grid, plan.groups = (chunks * col_blocks,), col_blocks
         plan.args = (A, ncol, C, B, A * B, stride_a, stride_c, stride_b, mu.stride(0),
@@ -672,7 +675,7 @@ def _forward_plan(y: torch.Tensor, mu: torch.Tensor, reduction: str,
         rows_per_piece, cols_per_piece, row_pieces, col_pieces = _run_pieces(
             A, B, C, block_r, block_col, sms * _FWD_PER_SM)
         pieces = row_pieces * col_pieces
-        plan.partial_shape = (4, C, pieces)
+        plan.scratch = 4 * C * pieces  # partial[4, C, pieces], then the group penalties
         plan.grid, plan.groups = (C * pieces,), C
         plan.args = (A, C, B, A * B, *strides, mu.stride(0), mu.stride(1),
                      rows_per_piece, cols_per_piece, col_pieces, pieces)
@@ -702,14 +705,14 @@ def _forward(y: torch.Tensor, mu: torch.Tensor, reduction: str, with_relu: bool)
         return penalty, sums, out, mu_copy.copy_(mu)
     if plan.reshape:
         y = _as_3d(y)
-    partial = torch.empty(plan.partial_shape, dtype=acc, device=device)
-    groups = torch.empty(plan.groups, dtype=acc, device=device)
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    scratch = _stream_buffer(_SCRATCH, device, stream, acc, plan.scratch + plan.groups)
+    counters = _stream_buffer(_COUNTERS, device, stream, torch.int32, plan.groups + 1)
     with _on_device(device):
-        counters = _counters(device, plan.groups + 1)
         # kernels looked up at each call, not kept in the plan: tests wrap them
         kernel = _penalty_fwd_columns_kernel if plan.columns else _penalty_fwd_runs_kernel
-        kernel[plan.grid](y, mu, out if with_relu else partial, partial, sums, penalty, groups,
-                          mu_copy, counters, *plan.args, **plan.meta)
+        kernel[plan.grid](y, mu, out if with_relu else scratch, scratch, sums, penalty, scratch,
+                          mu_copy, counters, plan.scratch, *plan.args, **plan.meta)
     return penalty, sums, out, mu_copy
 
 
