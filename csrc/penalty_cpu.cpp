@@ -16,7 +16,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "vec_exp.h"
@@ -65,57 +67,107 @@ inline Vectorized<T> fma_(const Vectorized<T>& a, const Vectorized<T>& b, const 
   return at::vec::fmadd(a, b, c);
 }
 
-// Per unit, the penalty term of SPEC section 2 is
-//   s (y - mu1)^2 + q (y - mu0)^2 = (y - mu1)^2 + q (a y + b),  a = 2 (mu1 - mu0), b = mu0^2 - mu1^2
-// and the gradient of SPEC section 3, with ds = q where y > 0 and 0 elsewhere, is
-//   w (2 (y - mu1) + q (a - ds/q (a y + b))).
-// Both need one exp and a few fused multiply-adds per element.
+// Per unit, the penalty term of SPEC section 2, s (y - mu1)^2 + q (y - mu0)^2, is computed as it
+// reads: two non-negative terms, whose sum never cancels however far apart mu0 and mu1 are (the
+// expanded (y - mu1)^2 + q (a y + b) subtracted terms of size (mu1 - mu0)^2: at mu1 - mu0 = 1e4 it
+// came out negative). The squares are formed before the products with s and q, as in the
+// reference: a square that overflows times a probability of 0 is NaN in both.
 template <typename V>
 struct ForwardCoef {
-  V mu1, a, b;
+  V mu0, mu1;
 };
 
-// The sums of one unit: s, s y, q y, and the penalty in two parts, (y - mu1)^2 and q (a y + b),
-// so that each element costs one fused multiply-add per sum.
+// The sums of one unit: s, s y, q y, and the penalty in its two terms, so that each element costs
+// one fused multiply-add per sum.
 template <typename V>
 struct Accumulators {
-  V s{0}, sy{0}, qy{0}, d2{0}, qt{0};
+  V s{0}, sy{0}, qy{0}, pen1{0}, pen0{0};
 
   // Adds y's terms; returns relu(y).
   inline V add(const V& y, const ForwardCoef<V>& k) {
-    const auto t = relu_and_q(y);
-    const V s_y = V(1) - t.q;
-    s += s_y;
-    sy = fma_(s_y, y, sy);
-    qy = fma_(t.q, y, qy);
-    const V d1 = y - k.mu1;
-    d2 = fma_(d1, d1, d2);
-    qt = fma_(t.q, fma_(k.a, y, k.b), qt);
-    return t.r;
+    const auto p = relu_and_probs(y);
+    s += p.s;
+    sy = fma_(p.s, y, sy);
+    qy = fma_(p.q, y, qy);
+    const V d1 = y - k.mu1, d0 = y - k.mu0;
+    pen1 = fma_(p.s, d1 * d1, pen1);
+    pen0 = fma_(p.q, d0 * d0, pen0);
+    return p.r;
   }
 };
 
-// w folded in: c1 = 2 w, c0 = -2 w mu1, wa = w a, wb = w b.
+// The gradient of SPEC section 3, with s'(y) = q where y > 0 (0 elsewhere), d1 = y - mu1 and
+// d0 = y - mu0, is
+//   w (s'(y) (d1^2 - d0^2) + 2 (s d1 + q d0)),   d1^2 - d0^2 = (mu0 - mu1) (d1 + d0),
+// the difference of squares taken as a product, which does not cancel. That product stays finite
+// where a square itself overflows, and the reference's difference of squares is then inf - inf or
+// inf (times s'(y) = 0, NaN). Where that can happen (|y| above a quarter of the square root of
+// the largest float, or some |mu|), exact_squares() takes the reference's operations instead.
+template <typename T>
+constexpr T kSquareSafe = T(0.25) * T(std::is_same_v<T, double> ? 1.3e154 : 1.8e19);
+
+// w folded in: w_gap = w (mu0 - mu1), two_w = 2 w.
 template <typename V>
 struct BackwardCoef {
-  V c1, c0, wa, wb;
+  V mu0, mu1, w_gap, w, two_w;
 };
 template <typename V>
-inline V gradient(const V& y, const V& q, const BackwardCoef<V>& k) {
-  return fma_(q, k.wa - where_positive(y, fma_(k.wa, y, k.wb)), fma_(k.c1, y, k.c0));
+inline V gradient(const V& y, const ReluProbs<V>& p, const BackwardCoef<V>& k) {
+  const V d1 = y - k.mu1, d0 = y - k.mu0;
+  return fma_(where_positive(y, p.q * (d1 + d0)), k.w_gap, k.two_w * fma_(p.q, d0, p.s * d1));
 }
 
-// (mu1, a, b) per unit, as three rows of a (3, C) buffer.
-template <typename acc_t>
-std::vector<acc_t> forward_coefficients(const acc_t* mu0, const acc_t* mu1, int64_t C) {
-  std::vector<acc_t> coef(3 * C);
-  for (int64_t c = 0; c < C; ++c) {
-    coef[c] = mu1[c];
-    coef[C + c] = 2 * (mu1[c] - mu0[c]);
-    coef[2 * C + c] = mu0[c] * mu0[c] - mu1[c] * mu1[c];
-  }
-  return coef;
+// where(finite, a, b), and finite = |x| <= the largest value (false for inf and NaN)
+template <typename T>
+inline bool is_finite(T x) {
+  return std::abs(x) <= std::numeric_limits<T>::max();
 }
+template <typename T>
+inline Vectorized<T> is_finite(const Vectorized<T>& x) {
+  return x.abs() <= Vectorized<T>(std::numeric_limits<T>::max());
+}
+template <typename T>
+inline T select(bool finite, T a, T b) {
+  return finite ? a : b;
+}
+template <typename T>
+inline Vectorized<T> select(const Vectorized<T>& finite, const Vectorized<T>& a,
+                            const Vectorized<T>& b) {
+  return Vectorized<T>::blendv(b, a, finite);
+}
+template <typename V>
+inline V exact_squares(const V& y, const ReluProbs<V>& p, const BackwardCoef<V>& k) {
+  const V d1 = y - k.mu1, d0 = y - k.mu0;
+  const V square1 = d1 * d1, square0 = d0 * d0;
+  const auto finite1 = is_finite(square1), finite0 = is_finite(square0);
+  // Where a square is inf or NaN, the difference of the squares is that of their non-finite
+  // parts. Not written square1 - square0: the compiler could fuse it into fma(d1, d1, -square0),
+  // whose product does not overflow.
+  const V non_finite = select(finite1, V(0), square1) - select(finite0, V(0), square0);
+  const V difference = select(finite1 & finite0, (k.mu0 - k.mu1) * (d1 + d0), non_finite);
+  return k.w * (where_positive(y, p.q * difference) + (p.s * (d1 + d1) + p.q * (d0 + d0)));
+}
+// Whether y (any lane) is above kSquareSafe. Below it, a negative y needs no exact_squares: there
+// s'(y) = 0 drops the difference of squares, as relu's backward drops it in the reference.
+template <typename T>
+inline bool any_huge(T y) {
+  return y > kSquareSafe<T>;
+}
+template <typename T>
+inline bool any_huge(const Vectorized<T>& y) {
+  return (y > Vectorized<T>(kSquareSafe<T>)).zero_mask() != (1 << Vectorized<T>::size()) - 1;
+}
+#if defined(CPU_CAPABILITY_AVX512) && !defined(_MSC_VER)
+template <>
+inline bool any_huge(const Vectorized<float>& y) {
+  return _mm512_cmp_ps_mask(y, _mm512_set1_ps(kSquareSafe<float>), _CMP_GT_OQ) != 0;
+}
+#elif defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+template <>
+inline bool any_huge(const Vectorized<float>& y) {
+  return _mm256_movemask_ps(_mm256_cmp_ps(y, _mm256_set1_ps(kSquareSafe<float>), _CMP_GT_OQ)) != 0;
+}
+#endif
 
 // ---- float16 / bfloat16: convert a tile to float, compute, convert back ------------------
 
@@ -195,10 +247,10 @@ inline bool is_mean(c10::string_view reduction) {
 // partial (kSums, C), row after row: a stride-C walk down a column would touch a new page at every
 // step once C is large, while these partials stay in L1.
 template <typename acc_t>
-void forward_rows(const acc_t* y, int64_t rows, int64_t C, const acc_t* coef, acc_t* out,
+void forward_rows(const acc_t* y, int64_t rows, int64_t C, const acc_t* mu, acc_t* out,
                   acc_t* partial) {
   using Vec = Vectorized<acc_t>;
-  const acc_t *mu1 = coef, *a = coef + C, *b = coef + 2 * C;
+  const acc_t *mu0 = mu, *mu1 = mu + C;
   acc_t *ps = partial, *psy = partial + C, *pqy = partial + 2 * C, *ppen = partial + 3 * C;
   std::fill(partial, partial + kSums * C, acc_t(0));
   for (int64_t r = 0; r < rows; ++r, y += C) {
@@ -207,19 +259,18 @@ void forward_rows(const acc_t* y, int64_t rows, int64_t C, const acc_t* coef, ac
       prefetch(y + c + kPrefetch);
       Accumulators<Vec> acc{Vec::loadu(ps + c), Vec::loadu(psy + c), Vec::loadu(pqy + c),
                             Vec::loadu(ppen + c), Vec(0)};
-      const Vec relu = acc.add(Vec::loadu(y + c), ForwardCoef<Vec>{Vec::loadu(mu1 + c),
-                                                                   Vec::loadu(a + c),
-                                                                   Vec::loadu(b + c)});
+      const Vec relu = acc.add(Vec::loadu(y + c),
+                               ForwardCoef<Vec>{Vec::loadu(mu0 + c), Vec::loadu(mu1 + c)});
       acc.s.store(ps + c);
       acc.sy.store(psy + c);
       acc.qy.store(pqy + c);
-      (acc.d2 + acc.qt).store(ppen + c);
+      (acc.pen1 + acc.pen0).store(ppen + c);
       if (out != nullptr) relu.store(out + r * C + c);
     }
     for (; c < C; ++c) {
       Accumulators<acc_t> acc{ps[c], psy[c], pqy[c], ppen[c], 0};
-      const acc_t relu = acc.add(y[c], ForwardCoef<acc_t>{mu1[c], a[c], b[c]});
-      ps[c] = acc.s, psy[c] = acc.sy, pqy[c] = acc.qy, ppen[c] = acc.d2 + acc.qt;
+      const acc_t relu = acc.add(y[c], ForwardCoef<acc_t>{mu0[c], mu1[c]});
+      ps[c] = acc.s, psy[c] = acc.sy, pqy[c] = acc.qy, ppen[c] = acc.pen1 + acc.pen0;
       if (out != nullptr) out[r * C + c] = relu;
     }
   }
@@ -244,7 +295,7 @@ struct RunSums {
   // the sums in memory.
   template <bool kOut>
   void add_impl(const acc_t* y, int64_t n, const ForwardCoef<acc_t>& k, acc_t* out) {
-    const ForwardCoef<Vec> kv{Vec(k.mu1), Vec(k.a), Vec(k.b)};
+    const ForwardCoef<Vec> kv{Vec(k.mu0), Vec(k.mu1)};
     Accumulators<Vec> acc = lanes;
     int64_t i = 0;
     for (; i + Vec::size() <= n; i += Vec::size()) {
@@ -268,7 +319,7 @@ struct RunSums {
     partial[0] = total(lanes.s, tail.s);
     partial[stride] = total(lanes.sy, tail.sy);
     partial[2 * stride] = total(lanes.qy, tail.qy);
-    partial[3 * stride] = total(lanes.d2 + lanes.qt, tail.d2 + tail.qt);
+    partial[3 * stride] = total(lanes.pen1 + lanes.pen0, tail.pen1 + tail.pen0);
   }
 };
 
@@ -281,8 +332,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
   const at::Tensor y = y_in.contiguous();
   const at::TensorOptions acc_options = y.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor mu = mu_in.to(acc_options).contiguous();
-  const auto coef = forward_coefficients(mu.const_data_ptr<acc_t>(),
-                                         mu.const_data_ptr<acc_t>() + C, C);
+  const acc_t* mup = mu.const_data_ptr<acc_t>();  // (2, C): mu0, then mu1
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   scalar_t* op = relu_out != nullptr ? relu_out->mutable_data_ptr<scalar_t>() : nullptr;
 
@@ -305,12 +355,12 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
         const scalar_t* src = yp + a0 * C;
         scalar_t* dst = op != nullptr ? op + a0 * C : nullptr;
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          forward_rows<acc_t>(src, n_rows, C, coef.data(), dst, pp + k * kSums * C);
+          forward_rows<acc_t>(src, n_rows, C, mup, dst, pp + k * kSums * C);
         } else {
           ybuf.resize(n);
           at::vec::convert(src, ybuf.data(), n);
           if (dst != nullptr) obuf.resize(n);
-          forward_rows<acc_t>(ybuf.data(), n_rows, C, coef.data(),
+          forward_rows<acc_t>(ybuf.data(), n_rows, C, mup,
                               dst != nullptr ? obuf.data() : nullptr, pp + k * kSums * C);
           if (dst != nullptr) at::vec::convert(obuf.data(), dst, n);
         }
@@ -326,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t c = r % C, offset = r * B;
           RunSums<acc_t>& sums = units[(r - r0) % C];
-          const ForwardCoef<acc_t> unit{coef[c], coef[C + c], coef[2 * C + c]};
+          const ForwardCoef<acc_t> unit{mup[c], mup[C + c]};
           for_each_tile<scalar_t, acc_t>(yp + offset, B, [&](const acc_t* v, int64_t i, int64_t n) {
             OutTile<scalar_t, acc_t> out{op != nullptr ? op + offset + i : nullptr, n, {}};
             sums.add(v, n, unit, op != nullptr ? out.data() : nullptr);
@@ -360,28 +410,47 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
 
 // ---- backward --------------------------------------------------------------------------
 
-// The gradient of n elements; kPerUnit: element i is unit i (c0, wa, wb are arrays), else all
-// elements share one unit (c0, wa, wb point to one value each). go: grad of relu(y), or null.
-template <typename acc_t, bool kPerUnit>
-void gradient_run(const acc_t* y, const acc_t* go, acc_t* g, int64_t n, acc_t c1,
-                  const acc_t* c0, const acc_t* wa, const acc_t* wb) {
+// The gradient of n elements; kPerUnit: element i is unit i (mu0, mu1, w_gap are arrays), else
+// all elements share one unit (they point to one value each). go: grad of relu(y), or null.
+// huge_mu: some |mu| is above kSquareSafe (or not finite), so every element takes exact_squares;
+// else the vector loop leaves for a loop of exact_squares at the first y above kSquareSafe, so
+// that the common loop holds no more than it needs.
+template <typename acc_t, bool kPerUnit, bool kGradOut>
+void gradient_run(const acc_t* y, const acc_t* go, acc_t* g, int64_t n, acc_t w,
+                  const acc_t* mu0, const acc_t* mu1, const acc_t* w_gap, bool huge_mu) {
   using Vec = Vectorized<acc_t>;
-  auto vec_at = [](const acc_t* p, int64_t i) { return kPerUnit ? Vec::loadu(p + i) : Vec(*p); };
-  auto at_ = [](const acc_t* p, int64_t i) { return kPerUnit ? p[i] : *p; };
+  if (n <= 0) return;
+  // one unit's coefficients held in registers (read through the pointers, the compiler would
+  // reload them after every store to g)
+  const BackwardCoef<Vec> unit{Vec(*mu0), Vec(*mu1), Vec(*w_gap), Vec(w), Vec(2 * w)};
+  auto coef_at = [&](int64_t i) {
+    return kPerUnit ? BackwardCoef<Vec>{Vec::loadu(mu0 + i), Vec::loadu(mu1 + i),
+                                        Vec::loadu(w_gap + i), unit.w, unit.two_w}
+                    : unit;
+  };
+  auto relu_grad = [&](Vec gv, const Vec& v, int64_t i) {
+    return kGradOut ? gv + where_positive(v, Vec::loadu(go + i)) : gv;
+  };
   int64_t i = 0;
+  if (!huge_mu) {
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      prefetch(y + i + kPrefetch);
+      if constexpr (kGradOut) prefetch(go + i + kPrefetch);
+      const Vec v = Vec::loadu(y + i);
+      if (any_huge(v)) break;
+      relu_grad(gradient(v, relu_and_probs(v), coef_at(i)), v, i).store(g + i);
+    }
+  }
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    prefetch(y + i + kPrefetch);
-    if (go != nullptr) prefetch(go + i + kPrefetch);
     const Vec v = Vec::loadu(y + i);
-    Vec gv = gradient(v, relu_and_q(v).q,
-                      BackwardCoef<Vec>{Vec(c1), vec_at(c0, i), vec_at(wa, i), vec_at(wb, i)});
-    if (go != nullptr) gv += where_positive(v, Vec::loadu(go + i));
-    gv.store(g + i);
+    relu_grad(exact_squares(v, relu_and_probs(v), coef_at(i)), v, i).store(g + i);
   }
   for (; i < n; ++i) {
-    acc_t gv = gradient(y[i], relu_and_q(y[i]).q,
-                        BackwardCoef<acc_t>{c1, at_(c0, i), at_(wa, i), at_(wb, i)});
-    if (go != nullptr) gv += where_positive(y[i], go[i]);
+    const int64_t j = kPerUnit ? i : 0;
+    const BackwardCoef<acc_t> k{mu0[j], mu1[j], w_gap[j], w, 2 * w};
+    acc_t gv = huge_mu || any_huge(y[i]) ? exact_squares(y[i], relu_and_probs(y[i]), k)
+                                         : gradient(y[i], relu_and_probs(y[i]), k);
+    if constexpr (kGradOut) gv += where_positive(y[i], go[i]);
     g[i] = gv;
   }
 }
@@ -398,16 +467,17 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
   acc_t w = grad_penalty.item<acc_t>();  // a CPU scalar: no device synchronisation
   if (mean && A * B > 0) w /= static_cast<acc_t>(A * B);
 
-  // (c0, wa, wb) per unit, rows of a (3, C) buffer; c1 = 2 w for all.
-  const auto fwd = forward_coefficients(mu.const_data_ptr<acc_t>(),
-                                        mu.const_data_ptr<acc_t>() + C, C);
+  // (mu0, mu1, w (mu0 - mu1)) per unit, rows of a (3, C) buffer.
+  const acc_t* mup = mu.const_data_ptr<acc_t>();
   std::vector<acc_t> coef(3 * C);
+  bool huge_mu = false;
   for (int64_t c = 0; c < C; ++c) {
-    coef[c] = -2 * w * fwd[c];
-    coef[C + c] = w * fwd[C + c];
-    coef[2 * C + c] = w * fwd[2 * C + c];
+    const acc_t mu0 = mup[c], mu1 = mup[C + c];
+    coef[c] = mu0;
+    coef[C + c] = mu1;
+    coef[2 * C + c] = w * (mu0 - mu1);
+    huge_mu |= !(std::abs(mu0) <= kSquareSafe<acc_t> && std::abs(mu1) <= kSquareSafe<acc_t>);
   }
-  const acc_t c1 = 2 * w;
 
   at::Tensor grad_out;
   if (grad_out_in.has_value()) {
@@ -438,13 +508,16 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
             go = go_buf;
           }
         }
-        if (B == 1) {
-          gradient_run<acc_t, true>(v, go, g.data(), n, c1, &coef[i], &coef[C + i],
-                                    &coef[2 * C + i]);
+        const int64_t c = B == 1 ? i : r % C;  // the (first) unit
+        const acc_t *mu0 = coef.data() + c, *mu1 = mu0 + C, *w_gap = mu0 + 2 * C;
+        if (B == 1 && go != nullptr) {
+          gradient_run<acc_t, true, true>(v, go, g.data(), n, w, mu0, mu1, w_gap, huge_mu);
+        } else if (B == 1) {
+          gradient_run<acc_t, true, false>(v, go, g.data(), n, w, mu0, mu1, w_gap, huge_mu);
+        } else if (go != nullptr) {
+          gradient_run<acc_t, false, true>(v, go, g.data(), n, w, mu0, mu1, w_gap, huge_mu);
         } else {
-          const int64_t c = r % C;
-          gradient_run<acc_t, false>(v, go, g.data(), n, c1, &coef[c], &coef[C + c],
-                                     &coef[2 * C + c]);
+          gradient_run<acc_t, false, false>(v, go, g.data(), n, w, mu0, mu1, w_gap, huge_mu);
         }
       });
     }

@@ -130,6 +130,62 @@ def _acc_dtype(dtype: torch.dtype):
 # ---- kernels ----------------------------------------------------------------------------
 
 @triton.jit
+def _probabilities(y):
+    """(s, q) = (1 - exp(-relu(y)), exp(-relu(y))) of SPEC section 2, y in the accumulation dtype
+    (a NaN y may give any s and q: the NaN reaches every sum through y itself). Both keep a
+    relative accuracy: q = exp(-r) for any r, and s where r is tiny too, where 1 - q would not
+    (a 3% error at r = 1e-6, and s (y - mu1)^2 is most of the penalty there when mu1 is far):
+    below 1/4, s is a Taylor polynomial of -expm1(-r), of degree 6 in float32 (within 5.3e-8)
+    and 12 in float64 (within 1.2e-17), as the CPU kernels' scalar and float64 code computes it."""
+    r = tl.maximum(y, 0.0)
+    q = tl.exp(-r)
+    if y.dtype == tl.float64:
+        p = r * (-1.0 / 479001600) + 1.0 / 39916800
+        p = p * r - 1.0 / 3628800
+        p = p * r + 1.0 / 362880
+        p = p * r - 1.0 / 40320
+        p = p * r + 1.0 / 5040
+        p = p * r - 1.0 / 720
+        p = p * r + 1.0 / 120
+    else:
+        p = r * (-1.0 / 720) + 1.0 / 120
+    p = p * r - 1.0 / 24
+    p = p * r + 1.0 / 6
+    p = p * r - 0.5
+    p = p * r + 1.0
+    return tl.where(r < 0.25, p * r, 1.0 - q), q
+
+
+@triton.jit
+def _penalty_terms(y, mu0, mu1, s, q):
+    # s (y - mu1)^2 + q (y - mu0)^2 as it reads: two non-negative terms, whose sum never cancels
+    # however far apart mu0 and mu1 are. The squares come before the products, as in the
+    # reference: a square that overflows times a probability of 0 is NaN in both.
+    d1 = y - mu1
+    d0 = y - mu0
+    return s * (d1 * d1) + q * (d0 * d0)
+
+
+@triton.jit
+def _penalty_gradient(y, mu0, mu1, w):
+    # w (s'(y) (d1^2 - d0^2) + 2 (s d1 + q d0)) of SPEC section 3, s'(y) = q where y > 0, with
+    # d1^2 - d0^2 = (mu0 - mu1) (d1 + d0): a product, which does not cancel. Only where a square
+    # overflows (or is NaN) is it the difference of the squares' non-finite parts, inf or NaN, as
+    # in the reference. (Not square1 - square0: fused into fma(d1, d1, -square0), its product
+    # would not overflow.)
+    s, q = _probabilities(y)
+    d1 = y - mu1
+    d0 = y - mu0
+    square1 = d1 * d1
+    square0 = d0 * d0
+    finite1 = tl.abs(square1) < float("inf")  # False for NaN too
+    finite0 = tl.abs(square0) < float("inf")
+    non_finite = tl.where(finite1, 0.0, square1) - tl.where(finite0, 0.0, square0)
+    difference = tl.where(finite1 & finite0, (mu0 - mu1) * (d1 + d0), non_finite)
+    return w * (tl.where(y > 0, q * difference, 0.0) + (s * (d1 + d1) + q * (d0 + d0)))
+
+
+@triton.jit
 def _penalty_fwd_columns_kernel(
         y_ptr, mu_ptr, out_ptr, partial_ptr,
         A, NCOL, B, stride_a, stride_c, stride_b, stride_mu_z, stride_mu_c,
@@ -149,12 +205,9 @@ def _penalty_fwd_columns_kernel(
         col_off = cols * stride_b
     else:
         col_off = unit * stride_c + (cols - unit * B) * stride_b
-    mu0 = tl.load(mu_ptr + unit * stride_mu_c, mask=col_mask, other=0).to(ACC)
-    mu1 = tl.load(mu_ptr + stride_mu_z + unit * stride_mu_c, mask=col_mask, other=0).to(ACC)
-    # s (y - mu1)^2 + q (y - mu0)^2 = (y - mu1)^2 + q (a y + b)
-    coef_a = (2 * (mu1 - mu0))[None, :]
-    coef_b = (mu0 * mu0 - mu1 * mu1)[None, :]
-    mu1 = mu1[None, :]
+    mu0 = tl.load(mu_ptr + unit * stride_mu_c, mask=col_mask, other=0).to(ACC)[None, :]
+    mu1 = tl.load(mu_ptr + stride_mu_z + unit * stride_mu_c, mask=col_mask,
+                  other=0).to(ACC)[None, :]
 
     acc_s = tl.zeros([BLOCK_R, BLOCK_COL], dtype=ACC)
     acc_sy = tl.zeros([BLOCK_R, BLOCK_COL], dtype=ACC)
@@ -170,13 +223,11 @@ def _penalty_fwd_columns_kernel(
             row_off = tl.multiple_of(row_off, ALIGN)
         raw = tl.load(y_ptr + row_off[:, None] + col_off[None, :], mask=mask, other=0)
         y = raw.to(ACC)
-        q = tl.exp(-tl.maximum(y, 0.0))  # p(Z=0 | y); a masked y = 0 gives s = 0
-        s = 1.0 - q
-        d1 = y - mu1
+        s, q = _probabilities(y)  # a masked y = 0 gives s = 0
         acc_s += s
         acc_sy += s * y
         acc_qy += q * y
-        acc_pen += tl.where(mask, d1 * d1 + q * (coef_a * y + coef_b), 0.0)
+        acc_pen += tl.where(mask, _penalty_terms(y, mu0, mu1, s, q), 0.0)
         if HAS_RELU:  # y < 0 ? 0 : y keeps NaN, as torch.relu does
             out_off = rows * NCOL
             if ALIGN > 1:
@@ -213,8 +264,6 @@ def _penalty_fwd_runs_kernel(
         unit_off = tl.multiple_of(unit_off, ALIGN)
     mu0 = tl.load(mu_ptr + unit * stride_mu_c).to(ACC)
     mu1 = tl.load(mu_ptr + stride_mu_z + unit * stride_mu_c).to(ACC)
-    coef_a = 2 * (mu1 - mu0)
-    coef_b = mu0 * mu0 - mu1 * mu1
     y_unit = y_ptr + unit_off
 
     acc_s = tl.zeros([BLOCK_R, BLOCK_COL], dtype=ACC)
@@ -233,13 +282,11 @@ def _penalty_fwd_runs_kernel(
             raw = tl.load(y_unit + row_off[:, None] + cols[None, :] * stride_b, mask=mask,
                           other=0)
             y = raw.to(ACC)
-            q = tl.exp(-tl.maximum(y, 0.0))
-            s = 1.0 - q
-            d1 = y - mu1
+            s, q = _probabilities(y)
             acc_s += s
             acc_sy += s * y
             acc_qy += q * y
-            acc_pen += tl.where(mask, d1 * d1 + q * (coef_a * y + coef_b), 0.0)
+            acc_pen += tl.where(mask, _penalty_terms(y, mu0, mu1, s, q), 0.0)
             if HAS_RELU:
                 out_off = (rows * C + unit) * B
                 if ALIGN > 1:
@@ -313,7 +360,6 @@ def _penalty_bwd_kernel(
         HAS_GRAD_OUT: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_COL: tl.constexpr):
     # One program: a block of columns j = c * B + b over one chunk of rows of the (A, C * B) walk.
-    # d penalty / d y = w (2 (y - mu1) + q (a - [y > 0] (a y + b))), a and b as in the forward.
     pid = tl.program_id(0).to(tl.int64)
     chunk = pid // col_blocks
     cols = (pid % col_blocks) * BLOCK_COL + tl.arange(0, BLOCK_COL)
@@ -332,12 +378,9 @@ def _penalty_bwd_kernel(
     w = tl.load(grad_penalty_ptr).to(ACC)  # read on the device: no host synchronisation
     if MEAN:
         w = w / tl.cast(count, ACC)
-    mu0 = tl.load(mu_ptr + unit * stride_mu_c, mask=col_mask, other=0).to(ACC)
-    mu1 = tl.load(mu_ptr + stride_mu_z + unit * stride_mu_c, mask=col_mask, other=0).to(ACC)
-    w_a = (w * (2 * (mu1 - mu0)))[None, :]
-    w_b = (w * (mu0 * mu0 - mu1 * mu1))[None, :]
-    c0 = (-2 * w * mu1)[None, :]
-    c1 = 2 * w
+    mu0 = tl.load(mu_ptr + unit * stride_mu_c, mask=col_mask, other=0).to(ACC)[None, :]
+    mu1 = tl.load(mu_ptr + stride_mu_z + unit * stride_mu_c, mask=col_mask,
+                  other=0).to(ACC)[None, :]
 
     row_start = chunk * rows_per_chunk
     row_end = tl.minimum(row_start + rows_per_chunk, A)
@@ -350,8 +393,7 @@ def _penalty_bwd_kernel(
             row_off = tl.multiple_of(row_off, ALIGN)
             out_off = tl.multiple_of(out_off, ALIGN)
         y = tl.load(y_ptr + row_off[:, None] + col_off[None, :], mask=mask, other=0).to(ACC)
-        q = tl.exp(-tl.maximum(y, 0.0))
-        grad = c1 * y + c0 + q * (w_a - tl.where(y > 0, w_a * y + w_b, 0.0))
+        grad = _penalty_gradient(y, mu0, mu1, w)
         if HAS_GRAD_OUT:  # the fused ShadeReLU: + grad_out * relu'(y)
             go_row_off = rows * go_stride_a
             if ALIGN > 1:

@@ -26,8 +26,10 @@ def batch_statistics(y: torch.Tensor, mu: torch.Tensor, unit_dim: int = 1,
     count = samples.shape[0]
     mu0, mu1 = mu.detach().to(acc)
 
-    q = torch.exp(-torch.relu(samples))  # p(Z=0 | y)
-    s = 1 - q                            # p(Z=1 | y), sigma(y) in the paper
+    r = torch.relu(samples)
+    q = torch.exp(-r)     # p(Z=0 | y)
+    s = -torch.expm1(-r)  # p(Z=1 | y) = 1 - q, sigma(y) in the paper; 1 - q itself would keep
+                          # only an absolute accuracy, and s (y - mu1)^2 needs a relative one
     terms = s * (samples - mu1) ** 2 + q * (samples - mu0) ** 2
 
     if count == 0:
