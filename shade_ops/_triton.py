@@ -192,6 +192,16 @@ def _probabilities(y):
 
 
 @triton.jit
+def _div(x, y):
+    # x / y rounded to nearest, as in the interpreter and the reference: compiled, a float32 "/"
+    # is an approximate division (div.full.f32, 2 ulp); float64 division is exact either way.
+    if x.dtype == tl.float32:
+        return tl.math.div_rn(x, y)
+    else:
+        return x / y
+
+
+@triton.jit
 def _cast_to(x, DTYPE: tl.constexpr):
     # x rounded to DTYPE, to nearest even, alike on a GPU and in the interpreter (whose float32 to
     # bfloat16 conversion truncates): bfloat16 by hand from the float32 bits, NaN kept NaN.
@@ -418,7 +428,7 @@ def _finish_group(group, groups, group_size, first_unit, end_unit, partial_ptr, 
         tl.store(sums_ptr + 3 * C + units, tl.zeros([BLOCK_U], dtype=ACC) + k, mask=unit_mask)
         unit_penalty = tl.sum(acc_pen, axis=1)
         if MEAN:
-            unit_penalty = unit_penalty / k
+            unit_penalty = _div(unit_penalty, k)
         tl.store(group_ptr + group, tl.sum(tl.where(unit_mask, unit_penalty, 0.0)))
         tl.debug_barrier()
         done = tl.atomic_add(counter_ptr + groups, 1, sem="acq_rel", scope="gpu")
@@ -457,7 +467,7 @@ def _penalty_bwd_kernel(
         go_col_off = unit * go_stride_c + (cols - unit * B) * go_stride_b
     w = tl.load(grad_penalty_ptr).to(ACC)  # read on the device: no host synchronisation
     if MEAN:
-        w = w / tl.cast(count, ACC)
+        w = _div(w, tl.cast(count, ACC))
     mu0 = tl.load(mu_ptr + unit * stride_mu_c, mask=col_mask, other=0).to(ACC)[None, :]
     mu1 = tl.load(mu_ptr + stride_mu_z + unit * stride_mu_c, mask=col_mask,
                   other=0).to(ACC)[None, :]
@@ -497,9 +507,9 @@ def _update_state_kernel(
     mask = units < C
     sums = sums_ptr + units * stride_s_c
     count = tl.load(sums + 3 * stride_s_j, mask=mask, other=1).to(COMPUTE)
-    b1 = tl.load(sums, mask=mask, other=0).to(COMPUTE) / count
-    m1 = tl.load(sums + stride_s_j, mask=mask, other=0).to(COMPUTE) / count
-    m0 = tl.load(sums + 2 * stride_s_j, mask=mask, other=0).to(COMPUTE) / count
+    b1 = _div(tl.load(sums, mask=mask, other=0).to(COMPUTE), count)
+    m1 = _div(tl.load(sums + stride_s_j, mask=mask, other=0).to(COMPUTE), count)
+    m0 = _div(tl.load(sums + 2 * stride_s_j, mask=mask, other=0).to(COMPUTE), count)
     b0 = 1 - b1
     p0_ptr = p_ptr + units * stride_p_c
     mu0_ptr = mu_ptr + units * stride_mu_c
@@ -511,8 +521,8 @@ def _update_state_kernel(
     k = tl.cast(keep_hi, COMPUTE) + tl.cast(keep_lo, COMPUTE)
     new_p0 = d * p0 + k * b0
     new_p1 = d * p1 + k * b1
-    new_mu0 = tl.where(new_p0 != 0, d * mu0 + k * m0 / new_p0, mu0)
-    new_mu1 = tl.where(new_p1 != 0, d * mu1 + k * m1 / new_p1, mu1)
+    new_mu0 = tl.where(new_p0 != 0, d * mu0 + _div(k * m0, new_p0), mu0)
+    new_mu1 = tl.where(new_p1 != 0, d * mu1 + _div(k * m1, new_p1), mu1)
     inf = float("inf")
     finite = (tl.abs(b1) < inf) & (tl.abs(m0) < inf) & (tl.abs(m1) < inf)  # False for NaN too
     p_ty = p_ptr.dtype.element_ty
