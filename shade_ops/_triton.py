@@ -344,29 +344,31 @@ def _penalty_fwd_runs_kernel(
     acc_sy = tl.zeros([BLOCK_R, BLOCK_COL], dtype=ACC)
     acc_qy = tl.zeros([BLOCK_R, BLOCK_COL], dtype=ACC)
     acc_pen = tl.zeros([BLOCK_R, BLOCK_COL], dtype=ACC)
-    for r in range(row_start, row_end, BLOCK_R):
-        rows = r + tl.arange(0, BLOCK_R)
+    # one loop over the piece's (row block, column block) tiles, so that the pipelining reaches
+    # across rows when a run is one or two column blocks long (as for 8x8 or 14x14 maps)
+    col_tiles = tl.cdiv(col_end - col_start, BLOCK_COL)
+    tiles = tl.cdiv(row_end - row_start, BLOCK_R) * col_tiles
+    for t in tl.range(0, tiles, num_stages=NUM_STAGES):
+        rows = row_start + (t // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_mask = (rows < row_end)[:, None]
         row_off = rows * stride_a
         if ALIGN > 1:
             row_off = tl.multiple_of(row_off, ALIGN)
-        for c0 in tl.range(col_start, col_end, BLOCK_COL, num_stages=NUM_STAGES):
-            cols = c0 + tl.arange(0, BLOCK_COL)
-            mask = row_mask & (cols < col_end)[None, :]
-            raw = tl.load(y_unit + row_off[:, None] + cols[None, :] * stride_b, mask=mask,
-                          other=0)
-            y = raw.to(ACC)
-            s, q = _probabilities(y)
-            acc_s += s
-            acc_sy += s * y
-            acc_qy += q * y
-            acc_pen += tl.where(mask, _penalty_terms(y, mu0, mu1, s, q), 0.0)
-            if HAS_RELU:
-                out_off = (rows * C + unit) * B
-                if ALIGN > 1:
-                    out_off = tl.multiple_of(out_off, ALIGN)
-                tl.store(out_ptr + out_off[:, None] + cols[None, :],
-                         tl.where(raw < 0, 0.0, raw).to(out_ptr.dtype.element_ty), mask=mask)
+        cols = col_start + (t % col_tiles) * BLOCK_COL + tl.arange(0, BLOCK_COL)
+        mask = row_mask & (cols < col_end)[None, :]
+        raw = tl.load(y_unit + row_off[:, None] + cols[None, :] * stride_b, mask=mask, other=0)
+        y = raw.to(ACC)
+        s, q = _probabilities(y)
+        acc_s += s
+        acc_sy += s * y
+        acc_qy += q * y
+        acc_pen += tl.where(mask, _penalty_terms(y, mu0, mu1, s, q), 0.0)
+        if HAS_RELU:
+            out_off = (rows * C + unit) * B
+            if ALIGN > 1:
+                out_off = tl.multiple_of(out_off, ALIGN)
+            tl.store(out_ptr + out_off[:, None] + cols[None, :],
+                     tl.where(raw < 0, 0.0, raw).to(out_ptr.dtype.element_ty), mask=mask)
 
     partial = partial_ptr + unit * pieces + piece
     partial_stride_j = C * pieces
