@@ -42,7 +42,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _TILE = 2048            # elements of y one program handles per step of its loop
 _NUM_WARPS = 8
 _FWD_PER_SM = 2         # forward programs per SM on large inputs: one full wave, two programs
-                        # of 8 warps and 80-106 registers a thread fit an SM (docs/triton.md)
+                        # of 8 warps and 79-106 registers a thread fit an SM (docs/triton.md)
 _MIN_WORK = 4096        # elements of y per forward program, at least, where the input allows
 _PARTIAL_ROWS = 32      # column layout: rows summed inside a program per partial written, at least
 _BWD_PER_SM = 16        # the backward has no partials: more, smaller programs even out the waves
