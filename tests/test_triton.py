@@ -609,8 +609,9 @@ def test_work_split_covers_every_sample(A, C, B):
     triton_ops = pytest.importorskip("shade_ops._triton")
     programs = triton_ops._sm_count(torch.device("cpu")) * triton_ops._FWD_PER_SM
     if triton_ops._uses_columns(A, B):
-        block_r, block_col = triton_ops._column_tile(A, C * B)
-        col_blocks = -(-C * B // block_col)
+        block_r, block_col, units = triton_ops._unit_column_tile(A, C, B)
+        assert 1 <= units <= C and units * B <= block_col  # whole units in a block
+        col_blocks = -(-C // units)
         per_chunk, chunks = triton_ops._row_chunks(
             A, block_r, col_blocks, A * C * B, programs, triton_ops._MIN_WORK,
             triton_ops._PARTIAL_ROWS)
@@ -627,6 +628,32 @@ def test_work_split_covers_every_sample(A, C, B):
         assert block & (block - 1) == 0
     assert block_r * block_col <= max(triton_ops._TILE, block_col)
     assert triton_ops._alignment(0, 48, 96) == 16 and triton_ops._alignment(196, 50176) == 4
+
+
+@pytest.mark.parametrize("shape,fewest,most", [
+    ((128, 64, 16, 16), 132, 2 * 132), ((128, 64, 8, 8), 128, 2 * 132),
+    ((5, 100000, 3), 132, 1000), ((256, 64, 56, 56), 132, 2 * 132), ((8192, 4096), 132, 2 * 132),
+    ((3, 5, 7), 1, 1)], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else None)
+def test_forward_grids_fill_the_sms(shape, fewest, most):
+    """The forward's grid, from the plan alone (meta tensors, nothing launched): about two
+    programs per SM (132 stand-in SMs on the CPU) on large inputs, small inputs split further
+    than before (128x64x8x8 was 32 programs), and no longer a program per unit for
+    (5, 100000, 3) (was 100,000)."""
+    triton_ops = pytest.importorskip("shade_ops._triton")
+    y = torch.empty(shape, device="meta")
+    plan = triton_ops._forward_plan(y, torch.empty(2, shape[1], device="meta"), "mean", True)
+    assert fewest <= plan.grid[0] <= most, plan.grid
+
+
+def test_launches_go_to_the_tensors_device(monkeypatch):
+    """The device guard: none (one shared no-op context) on the CPU or on the current CUDA
+    device; torch.cuda.device(y's device) for another one (no GPU needed to build it)."""
+    triton_ops = pytest.importorskip("shade_ops._triton")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert triton_ops._on_device(torch.device("cpu")) is triton_ops._NO_GUARD
+    assert triton_ops._on_device(torch.device("cuda", 0)) is triton_ops._NO_GUARD
+    guard = triton_ops._on_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
 
 
 # ---- the GPU kernels compiled without a GPU -----------------------------------------------
