@@ -10,11 +10,12 @@ The same launchers serve two dispatch entries:
 
 y arrives as the ``(A, C, B)`` view of ``_layout.units_view``, with any strides, or as a contiguous
 ``(A, C, ...)`` whose trailing dims are merged here (``_layout.op_input``). The forward is one
-pass over y that writes per-program partial sums, then a small kernel that adds them in a fixed
-order (and, for many units, one more that adds the per-block penalties): no floating-point atomics,
-so results are bitwise reproducible. How the work is cut depends only on the shape. Nothing here
-reads a value back to the host, and every kernel runs on the current stream, so a training step
-that uses them can be captured in a CUDA graph.
+launch: one pass over y that writes per-program partial sums, which the last program of each group
+to finish (an integer atomic counter) adds in a fixed order; no floating-point atomics, so results
+are bitwise reproducible. How the work is cut depends only on the shape and the device's SM count.
+Nothing here reads a value back to the host, and every kernel runs under its tensors' device, on
+that device's current stream, so a training step that uses them can be captured in a CUDA graph.
+Design notes and compile figures: docs/triton.md.
 """
 from __future__ import annotations
 
