@@ -814,9 +814,14 @@ def relu_benchmark(args, budget: Budget) -> list[ModelRow]:
 
 def _training_step(model, x, target, shade: bool):
     """The step of benchmarks/resnet_step.py (SGD, loss + SHADE_BETA * collect(model))."""
-    if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import resnet_step
+    import importlib.util
+
+    # loaded from its file: putting benchmarks/ on sys.path would let its conftest.py shadow the
+    # tests' one in every process started afterwards (the gloo test's spawned workers)
+    spec = importlib.util.spec_from_file_location(
+        "resnet_step", os.path.join(os.path.dirname(os.path.abspath(__file__)), "resnet_step.py"))
+    resnet_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(resnet_step)
 
     assert resnet_step.BETA == SHADE_BETA
     return resnet_step.training_step(model, x, target, shade)
