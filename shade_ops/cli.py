@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     command = {"train": _train, "reproduce": _reproduce, "demo": _demo}[args.command]
     try:
         return command(args)
-    except (FileNotFoundError, ValueError) as error:  # a missing dataset, a bad option value
+    except (FileNotFoundError, ImportError, ValueError) as error:  # a missing dataset or package,
+        # a bad option value
         print(f"shade-ops {args.command}: error: {error}", file=sys.stderr)
         return 2
 
