@@ -62,6 +62,7 @@ class TrainConfig:
     data_seed: int = 0                # the dataset itself: its splits and digits-m's backgrounds
     width: int | None = None          # the model's width (None: the model's default)
     backend: str = "auto"             # of the SHADE penalty
+    information: bool = False         # record layer_information on the training set each epoch
 
     def __post_init__(self) -> None:
         if self.regularizer not in REGULARIZERS:
@@ -81,6 +82,10 @@ class TrainConfig:
         return {"beta": self.beta if self.uses_shade else 0.0,
                 "weight_decay": self.weight_decay if reg == "wd" else 0.0,
                 "dropout": self.dropout if reg.endswith("dropout") else 0.0}
+
+
+# Training images layer_information measures at each epoch when TrainConfig.information is on.
+_INFORMATION_IMAGES = 1000
 
 
 def _normalizer(split: Split) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -153,6 +158,18 @@ def train(config: TrainConfig, data: Dataset | None = None, *, progress: bool = 
     recent_penalty: list[float] = []
     bar = _progress(total, f"{config.model}/{config.regularizer}", progress)
     step = 0
+    information: list[dict] = []
+
+    def record() -> None:  # per layer H(Y), H(Y|C), I(Y;C), Var(Y|Z) on the training images
+        from .information import layer_information
+
+        probe = train_split.subset(_INFORMATION_IMAGES, config.seed)
+        information.append({"step": step, "epoch": step / per_epoch,
+                            "layers": layer_information(model, (normalize(probe.x), probe.y),
+                                                        num_classes=data.num_classes)})
+
+    if config.information:
+        record()
     model.train()
     while step < total:
         for batch in torch.randperm(len(y_all), generator=order).split(config.batch_size):
@@ -170,6 +187,9 @@ def train(config: TrainConfig, data: Dataset | None = None, *, progress: bool = 
             optimizer.step()
             schedule.step()
             step += 1
+            if config.information and (step % per_epoch == 0 or step == total):
+                record()
+                model.train()
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(ce=f"{recent_ce[-1]:.3f}", refresh=False)
@@ -187,6 +207,7 @@ def train(config: TrainConfig, data: Dataset | None = None, *, progress: bool = 
         "final_cross_entropy": statistics.fmean(recent_ce) if recent_ce else None,
         "final_penalty": statistics.fmean(recent_penalty) if recent_penalty else None,
         "seconds": time.perf_counter() - started,
+        **({"information": information} if config.information else {}),
     }
 
 
