@@ -11,14 +11,18 @@ pre-activation the paper regularises; for a ``ShadePenalty`` the output it penal
 channel, and every position of every image is a sample of it, as for the penalty itself.
 
 **Estimator** (:func:`binned_entropies`): per unit, plug-in entropies in nats of Y quantised into
-``bins`` equal-width bins spanning the unit's 0.5 % to 99.5 % quantiles on the data (values
+``bins`` equal-width bins (by default, per layer, ``auto_bins``: 30, or fewer where the layer has
+fewer than 10 samples per class and bin, never under 2: a fully-connected layer measured on 500
+images gets 5) spanning the unit's 0.5 % to 99.5 % quantiles on the data (values
 outside fall into the end bins). The range follows the unit's own scale, so the entropies compare
 the *shape* of distributions across layers, models and epochs, and each lies in [0, ln bins].
 H(Y | C) = sum_c p(c) H(Y | C=c); I(Y; C) = H(Y) - H(Y | C), at most ln(classes). The layer's
 values are the sums over its units, as the paper's layer-wise bound sums unit terms
 (``*_per_unit`` are the means). Plug-in estimates are biased down by about
-(occupied bins - 1) / (2 samples) per entropy; ``max_samples`` per layer (default 200,000) keeps
-that under 1e-3 nats a unit for 30 bins and 10 classes.
+(occupied bins - 1) / (2 samples) per entropy, so H(Y | C) is biased down and I(Y; C) up by
+about bins (classes - 1) / (2 samples) nats a unit: 0.05 at 10 samples per cell, under 1e-3
+for a conv layer's 200,000 samples (``max_samples``). Values are comparable for one layer across
+epochs and models (same samples, same bin count), not across layers of different bin counts.
 
 **Var(Y | Z)**: ``var_y_given_z`` is, summed over units, E[s (y - mu1)^2 + q (y - mu0)^2] with
 s = 1 - exp(-relu(y)), q = 1 - s and mu1 = E[s y] / E[s], mu0 = E[q y] / E[q] estimated on the
@@ -35,7 +39,7 @@ from torch import nn
 
 from .modules import _ShadeLayer
 
-__all__ = ["binned_entropies", "layer_information"]
+__all__ = ["auto_bins", "binned_entropies", "layer_information"]
 
 
 def binned_entropies(y: torch.Tensor, labels: torch.Tensor, bins: int = 30,
@@ -67,6 +71,12 @@ def binned_entropies(y: torch.Tensor, labels: torch.Tensor, bins: int = 30,
     return {"h_y": h_y, "h_y_given_c": h_y_given_c, "i_y_c": h_y - h_y_given_c}
 
 
+def auto_bins(samples: int, classes: int, most: int = 30) -> int:
+    """The bin count :func:`layer_information` uses by default: ``most``, or as many as leave 10
+    samples per (class, bin) cell on average, at least 2."""
+    return max(2, min(most, samples // (10 * max(classes, 1))))
+
+
 def _entropy(p: torch.Tensor) -> torch.Tensor:
     terms = torch.where(p > 0, -p * torch.log(p.clamp_min(1e-300)), torch.zeros_like(p))
     return terms.sum(-1)
@@ -95,7 +105,7 @@ def _measured_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 @torch.no_grad()
 def layer_information(model: nn.Module,
                       data: tuple[torch.Tensor, torch.Tensor] | Iterable,
-                      *, bins: int = 30, num_classes: int | None = None,
+                      *, bins: int | None = None, num_classes: int | None = None,
                       max_samples: int = 200_000, batch_size: int = 500,
                       seed: int = 0) -> list[dict]:
     """H(Y), H(Y | C), I(Y; C) and Var(Y | Z) of every layer (call site) of ``model`` on
@@ -107,7 +117,7 @@ def layer_information(model: nn.Module,
     layer are kept (positions drawn at random, by ``seed``, from every batch in proportion).
 
     Returns one dict a layer, in call order: ``name`` (module name, ``#k`` for call site k > 0),
-    ``site``, ``units``, ``samples``, and, in nats summed over units, ``h_y``, ``h_y_given_c``,
+    ``site``, ``units``, ``samples``, ``bins`` (``None``: :func:`auto_bins`), and, in nats summed over units, ``h_y``, ``h_y_given_c``,
     ``i_y_c`` (``*_per_unit``: the means), plus ``var_y_given_z`` and ``penalty`` (see the
     module's docstring).
     """
@@ -164,11 +174,13 @@ def layer_information(model: nn.Module,
     for (key, site), parts in captured.items():
         y = torch.cat([p[0] for p in parts])
         labels = torch.cat([p[1] for p in parts])
-        entropies = binned_entropies(y, labels, bins, num_classes)
+        classes = int(num_classes if num_classes is not None else labels.max().item() + 1)
+        layer_bins = bins if bins is not None else auto_bins(len(labels), classes)
+        entropies = binned_entropies(y, labels, layer_bins, classes)
         module = by_module[key]
         units = y.shape[1]
         row = {"name": names[key] + (f"#{site}" if site else ""), "site": site, "units": units,
-               "samples": len(labels)}
+               "samples": len(labels), "bins": layer_bins}
         for k, v in entropies.items():
             row[k] = v.sum().item()
             row[f"{k}_per_unit"] = v.mean().item()

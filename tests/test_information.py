@@ -118,6 +118,9 @@ def test_conv_units_are_channels_and_samples_are_capped():
     x, labels = torch.randn(40, 3, 12, 12), torch.randint(10, (40,))
     rows = layer_information(model, (x, labels), max_samples=1000)
     assert [r["units"] for r in rows] == [4, 8, 8, 32]
+    # 10 samples per class and bin: ~1000 kept samples -> 10 bins, 40 images x 3x3 -> 3, the
+    # 40-image fully-connected layer -> the least, 2
+    assert [r["bins"] for r in rows] == [10, 10, 3, 2]
     assert rows[0]["samples"] <= 1000 + 40 and rows[-1]["samples"] == 40
 
 
