@@ -425,11 +425,35 @@ def markdown_table(report: dict) -> str:
     lines += ["", "Chosen hyper-parameters (mean validation accuracy over seeds):", "",
               "| samples | " + " | ".join(_LABELS[r] for r in regs) + " |",
               "|---:|" + "---|" * len(regs)]
+    edges = []
     for size in sizes:
-        lines.append(f"| {size} | " + " | ".join(
-            f"{_format_params(results[size][r]['params'])} "
-            f"(val {100 * results[size][r]['val_mean']:.1f})" for r in regs) + " |")
+        cells = []
+        for r in regs:
+            at_edge = _at_grid_edge(config, r, results[size][r]["params"])
+            edges += [f"{_LABELS[r]} at {size} ({name})" for name in at_edge]
+            cells.append(f"{_format_params(results[size][r]['params'])}"
+                         f"{' (edge)' if at_edge else ''} "
+                         f"(val {100 * results[size][r]['val_mean']:.1f})")
+        lines.append(f"| {size} | " + " | ".join(cells) + " |")
+    lines += ["", "Choices at an edge of their grid (the best value may lie outside it): "
+              + (", ".join(edges) if edges else "none") + "."]
     return "\n".join(lines) + "\n"
+
+
+_GRIDS = {"beta": "betas", "weight_decay": "weight_decays", "dropout": "dropouts"}
+
+
+def _at_grid_edge(config: dict, regularizer: str, params: dict) -> list[str]:
+    """The hyper-parameters of ``params`` chosen at the lowest or highest value of a grid of
+    several (shade+dropout's dropout rate is dropout's choice, not its own)."""
+    edge = []
+    for name, value in params.items():
+        if regularizer == "shade+dropout" and name == "dropout":
+            continue
+        grid = sorted(config.get(_GRIDS[name], ()))
+        if len(grid) > 1 and value in (grid[0], grid[-1]):
+            edge.append(f"{_format_params({name: value})}")
+    return edge
 
 
 def plot(report: dict, path: str | Path) -> None:

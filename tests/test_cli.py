@@ -101,6 +101,8 @@ def test_reproduce_tiny_sweep(tmp_path, cache, capsys):
     assert code == 0
     md = (out / "reproduce_tiny.md").read_text()
     assert "| 20 |" in md and "| 40 |" in md and "SHADE" in md and "±" in md
+    # two-point grids: every choice sits at an edge, and the table says so
+    assert "(edge)" in md and "Choices at an edge of their grid" in md and "SHADE at 20" in md
     png = (out / "reproduce_tiny.png").read_bytes()
     assert png.startswith(b"\x89PNG")
     report = json.loads((out / "reproduce_tiny.json").read_text())
