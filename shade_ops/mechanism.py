@@ -115,7 +115,8 @@ def _fixed(report: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def plot_fixed_images(report: dict, images: np.ndarray, path: str | Path,
                       count: int = 24) -> dict[str, int]:
-    """The first ``count`` test images the baseline gets wrong and SHADE right; returns how many
+    """``count`` test images the baseline gets wrong and SHADE right (the first of each class in
+    turn), with both predictions (SH: SHADE's, the true class); returns how many
     test images each gets right where the other does not."""
     import matplotlib
 
@@ -125,7 +126,13 @@ def plot_fixed_images(report: dict, images: np.ndarray, path: str | Path,
     fixed, broken = _fixed(report)
     labels = np.array(report["test_labels"])
     base = np.array(report["runs"]["none"]["test_predictions"])
-    shown = fixed[:count]
+    # round-robin over the true classes, so that every digit shows up
+    by_class = [list(fixed[labels[fixed] == c]) for c in np.unique(labels)]
+    shown = []
+    while len(shown) < min(count, len(fixed)):
+        for queue in by_class:
+            if queue and len(shown) < count:
+                shown.append(queue.pop(0))
     cols = 8
     rows = max(1, -(-len(shown) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.25, rows * 1.5), dpi=110,

@@ -147,7 +147,7 @@ def test_architectures_default_is_table_1():
     config = ArchitecturesConfig()
     assert config.dataset == "mnist-m-5k" and config.samples == 2000
     assert config.models == ("mlp", "alexnet", "resnet", "inception")
-    assert len(config.seeds) == 3 and config.run_count() == 4 * 3 * 5
+    assert len(config.seeds) == 3 and config.run_count() == 4 * 3 * 7  # 2 betas
 
 
 def test_mechanism_tiny(tmp_path, cache):
