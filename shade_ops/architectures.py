@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .experiments import _LABELS, REGULARIZERS, SweepConfig, _environment, sweep
+from .experiments import _LABELS, REGULARIZERS, SweepConfig, _at_grid_edge, _environment, sweep
 
 __all__ = ["ArchitecturesConfig", "architectures", "architectures_table",
            "write_architectures_report"]
@@ -53,7 +53,7 @@ class ArchitecturesConfig:
         """About a minute: digits-m, 200 images, one seed, one epoch, baseline, dropout and
         SHADE on the four models at small widths."""
         base = dict(dataset="digits-m", samples=200, seeds=(0,), epochs=1, min_steps=100,
-                    regularizers=("none", "dropout", "shade"),
+                    regularizers=("none", "dropout", "shade"), betas=(3e-3,),
                     widths={"mlp": 64, "alexnet": 8, "resnet": 4, "inception": 4})
         return cls(**{**base, **overrides})
 
@@ -119,6 +119,15 @@ def architectures_table(report: dict) -> str:
                 cells.append(f"{100 * statistics.fmean(diffs):+.1f} ± {100 * std:.1f} "
                              f"({sum(d > 0 for d in diffs)}/{seeds})")
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    chosen = []
+    for model, sub in report["models"].items():
+        for r in regs:
+            params = sub["results"][size][r]["params"]
+            if "beta" in params:
+                edge = " (edge of the grid)" if _at_grid_edge(sub["config"], r, params) else ""
+                chosen.append(f"{model} {_LABELS[r]} β={params['beta']:g}{edge}")
+    if chosen:
+        lines += ["", "β chosen on the validation split: " + "; ".join(chosen) + "."]
     return "\n".join(lines) + "\n"
 
 
