@@ -31,8 +31,8 @@ from .data import Dataset, Split, load_dataset
 from .models import build_model
 from .modules import collect, convert
 
-__all__ = ["REGULARIZERS", "SweepConfig", "TrainConfig", "check_splits", "markdown_table", "plot",
-           "sweep", "train", "write_report"]
+__all__ = ["REGULARIZERS", "SweepConfig", "TrainConfig", "check_splits", "markdown_table",
+           "merge_reports", "plot", "sweep", "train", "write_report"]
 
 REGULARIZERS = ("none", "wd", "dropout", "shade", "shade+dropout")
 _LABELS = {"none": "Baseline", "wd": "Weight decay", "dropout": "Dropout", "shade": "SHADE",
@@ -343,6 +343,35 @@ def sweep(config: SweepConfig, *, progress: bool = False, cache: str | None = No
     return report
 
 
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from sweeps that differ only in their sizes (one size a process, run side by
+    side): sizes in increasing order, runs and results joined, time and CPU time summed.
+
+    Raises:
+        ValueError: the sweeps differ in anything but their sizes, or two hold the same size.
+    """
+    def settings(report: dict) -> dict:
+        return {k: v for k, v in report["config"].items() if k != "sizes"}
+
+    first = reports[0]
+    for other in reports[1:]:
+        if settings(other) != settings(first):
+            raise ValueError("the sweeps to merge differ in more than their sizes")
+    sizes = sorted(int(s) for r in reports for s in r["results"])
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"a size is in two of the sweeps to merge: {sizes}")
+    by_size = {s: r for r in reports for s in r["results"]}
+    merged = {**first, "config": {**first["config"], "sizes": sizes},
+              "runs": [run for r in reports for run in r["runs"]],
+              "results": {str(s): by_size[str(s)]["results"][str(s)] for s in sizes},
+              "seconds": sum(r.get("seconds", 0) for r in reports),
+              "cpu_seconds": sum(r.get("cpu_seconds", 0) for r in reports),
+              "wall_seconds": max(r.get("seconds", 0) for r in reports),
+              "processes": len(reports)}
+    merged["runs"].sort(key=lambda run: run["size"])
+    return merged
+
+
 def _run_summary(metrics: dict) -> dict:
     keys = ("train_accuracy", "val_accuracy", "test_accuracy", "final_cross_entropy",
             "final_penalty", "seconds")
@@ -511,6 +540,9 @@ def write_report(report: dict, out_dir: str | Path, tag: str,
              f"{list(config['dropouts'])}; {len(report['runs'])} runs in "
              f"{report.get('seconds', 0) / 60:.1f} min ({report.get('cpu_seconds', 0) / 60:.1f} "
              f"min of CPU time) on {report.get('threads', '?')} thread(s) "
+             + (f"in all, {report['processes']} processes side by side (merge_reports), "
+                f"{report['wall_seconds'] / 60:.1f} min for the longest "
+                if "processes" in report else "") +
              f"(torch {report.get('torch', '?')}, {report.get('machine', '?')}).")
     text = [f"# Limited-samples reproduction ({tag})", "", facts, "",
             f"![test accuracy against training samples](reproduce_{tag}.png)", "",

@@ -180,3 +180,24 @@ def test_python_m_help():
     assert done.returncode == 0, done.stderr
     for command in ("train", "reproduce", "architectures", "mechanism", "demo"):
         assert command in done.stdout
+
+
+def test_merge_reports_joins_sweeps_of_other_sizes(tmp_path, cache):
+    from shade_ops.experiments import merge_reports, write_report
+
+    common = ["--dataset", "digits-m", "--seeds", "2", "--epochs", "1", "--min-steps", "2",
+              "--model", "mlp", "--width", "8", "--regularizers", "none,shade",
+              "--betas", "1e-3", "--cache", cache, "--no-progress", "--out-dir", str(tmp_path)]
+    for size in (40, 20):
+        assert main(["reproduce", "--sizes", str(size), "--tag", f"s{size}", *common]) == 0
+    parts = [json.loads((tmp_path / f"reproduce_s{s}.json").read_text()) for s in (40, 20)]
+    merged = merge_reports(parts)
+    assert merged["config"]["sizes"] == [20, 40] and list(merged["results"]) == ["20", "40"]
+    assert len(merged["runs"]) == 8 and merged["processes"] == 2
+    md = write_report(merged, tmp_path, "merged")["md"].read_text()
+    assert "| 20 |" in md and "| 40 |" in md and "2 processes side by side" in md
+    other = {**parts[0], "config": {**parts[0]["config"], "lr": 1.0}}
+    with pytest.raises(ValueError, match="more than their sizes"):
+        merge_reports([other, parts[1]])
+    with pytest.raises(ValueError, match="two of the sweeps"):
+        merge_reports([parts[0], parts[0]])
