@@ -145,6 +145,9 @@ def write_architectures_report(report: dict, out_dir: str | Path, tag: str) -> d
              f"decay {list(c['weight_decays'])}, dropout {list(c['dropouts'])} (grids of one "
              f"value are fixed, not chosen); {report.get('seconds', 0) / 60:.1f} min on "
              f"{report.get('threads', '?')} thread(s) (torch {report.get('torch', '?')}).")
+    missing = [m for m in c["models"] if m not in report["models"]]
+    if missing:  # a run stopped early: its report holds the models done so far
+        facts += (f" **Not run** (the run was stopped before them): {', '.join(missing)}.")
     paths["md"].write_text("\n".join([f"# Table 1 on the data that is here ({tag})", "", facts,
                                       "", architectures_table(report)]))
     return paths
