@@ -76,8 +76,8 @@ def _parser() -> argparse.ArgumentParser:
         "reproduce", help="the limited-samples sweep of the paper's Fig. 2a",
         description="Every training size x regularizer x seed; beta, weight decay and dropout "
                     "rate chosen on the validation split. Writes reproduce_<tag>.md (table), "
-                    ".png (plot) and .json into --out-dir. The default takes about 30 minutes "
-                    "on one thread; --quick about two.")
+                    ".png (plot) and .json into --out-dir. The default (325 runs on mnist-m-5k) "
+                    "takes about 40 minutes of one idle core; --quick (digits-m) about two.")
     reproduce.add_argument("--quick", action="store_true", help="a run of a few minutes")
     reproduce.add_argument("--dataset", choices=DATASETS, default=None)
     reproduce.add_argument("--model", choices=MODELS, default=None)
@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
         "architectures", help="Table 1: every regularizer on the four architectures",
         description="No regularisation, weight decay, dropout, SHADE and SHADE+dropout on the "
                     "MLP, AlexNet-like, ResNet and Inception models, trained on the whole "
-                    "training split of mnist-m-5k, 3 seeds (about 60 minutes on one thread); "
+                    "training split of mnist-m-5k, 3 seeds (about 15 minutes of one idle core); "
                     "--quick: about a minute on digits-m. Writes architectures_<tag>.md/.json.")
     arch.add_argument("--quick", action="store_true", help="a run of about a minute")
     arch.add_argument("--dataset", choices=DATASETS, default=None)
