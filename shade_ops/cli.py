@@ -2,7 +2,9 @@
 
     shade-ops train --dataset digits-m --model mlp --samples 100 --epochs 1 \\
         --regularizer shade --beta 0.001 --seed 0 --out run.json
-    shade-ops reproduce [--quick]         # Fig. 2a on digits-m: table, plot, JSON
+    shade-ops reproduce [--quick]         # Fig. 2a on mnist-m-5k (--quick: digits-m)
+    shade-ops architectures [--quick]     # Table 1: the five regularizers on the four models
+    shade-ops mechanism                   # Fig. 1 and 3: information curves, images SHADE fixes
     shade-ops demo                        # a short SHADE training, fused vs eager step time
 """
 from __future__ import annotations
@@ -74,8 +76,8 @@ def _parser() -> argparse.ArgumentParser:
         "reproduce", help="the limited-samples sweep of the paper's Fig. 2a",
         description="Every training size x regularizer x seed; beta, weight decay and dropout "
                     "rate chosen on the validation split. Writes reproduce_<tag>.md (table), "
-                    ".png (plot) and .json into --out-dir. The default takes about 30 minutes "
-                    "on one thread; --quick about two.")
+                    ".png (plot) and .json into --out-dir. The default (325 runs on mnist-m-5k) "
+                    "takes about 40 minutes of one idle core; --quick (digits-m) about two.")
     reproduce.add_argument("--quick", action="store_true", help="a run of a few minutes")
     reproduce.add_argument("--dataset", choices=DATASETS, default=None)
     reproduce.add_argument("--model", choices=MODELS, default=None)
@@ -99,6 +101,42 @@ def _parser() -> argparse.ArgumentParser:
                            help="file name tag (default: today's date; quick_<date> with --quick)")
     _common(reproduce, 1)
 
+    arch = commands.add_parser(
+        "architectures", help="Table 1: every regularizer on the four architectures",
+        description="No regularisation, weight decay, dropout, SHADE and SHADE+dropout on the "
+                    "MLP, AlexNet-like, ResNet and Inception models, trained on the whole "
+                    "training split of mnist-m-5k, 3 seeds (about 15 minutes of one idle core); "
+                    "--quick: about a minute on digits-m. Writes architectures_<tag>.md/.json.")
+    arch.add_argument("--quick", action="store_true", help="a run of about a minute")
+    arch.add_argument("--dataset", choices=DATASETS, default=None)
+    arch.add_argument("--models", default=None, help=f"comma-separated subset of {MODELS}")
+    arch.add_argument("--samples", type=int, default=None)
+    arch.add_argument("--seeds", type=int, default=None)
+    arch.add_argument("--epochs", type=int, default=None)
+    arch.add_argument("--betas", type=_floats, default=None)
+    arch.add_argument("--out-dir", default="benchmarks/results")
+    arch.add_argument("--tag", default=None)
+    _common(arch, 1)
+
+    mech = commands.add_parser(
+        "mechanism", help="Fig. 1 and 3: per-layer H(Y|C), I(Y;C) over training; images fixed",
+        description="Trains the baseline and SHADE on the same training subset from the same "
+                    "weights, recording shade_ops.information.layer_information every epoch; "
+                    "draws each layer's H(Y|C) over training and the information plane side by "
+                    "side, and the test images the baseline gets wrong and SHADE right. Writes "
+                    "mechanism_<tag>.json/.md/_information.png/_images.png.")
+    mech.add_argument("--dataset", choices=DATASETS, default="mnist-m-5k")
+    mech.add_argument("--model", choices=MODELS, default="alexnet")
+    mech.add_argument("--width", type=int, default=16)
+    mech.add_argument("--samples", type=int, default=500)
+    mech.add_argument("--epochs", type=int, default=15)
+    mech.add_argument("--min-steps", type=int, default=300)
+    mech.add_argument("--beta", type=float, default=3e-3)
+    mech.add_argument("--seed", type=int, default=0)
+    mech.add_argument("--out-dir", default="benchmarks/results")
+    mech.add_argument("--tag", default=None)
+    _common(mech, 1)
+
     demo = commands.add_parser("demo", help="a short SHADE training on scikit-learn's digits")
     demo.add_argument("--steps", type=int, default=300)
     demo.add_argument("--timing-steps", type=int, default=15,
@@ -111,10 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    command = {"train": _train, "reproduce": _reproduce, "demo": _demo}[args.command]
+    command = {"train": _train, "reproduce": _reproduce, "architectures": _architectures,
+               "mechanism": _mechanism, "demo": _demo}[args.command]
     try:
         return command(args)
-    except (FileNotFoundError, ValueError) as error:  # a missing dataset, a bad option value
+    except (FileNotFoundError, ImportError, ValueError) as error:  # a missing dataset or package,
+        # a bad option value
         print(f"shade-ops {args.command}: error: {error}", file=sys.stderr)
         return 2
 
@@ -170,6 +210,48 @@ def _reproduce(args: argparse.Namespace) -> int:
     print(markdown_table(report))
     print(f"{len(report['runs'])} runs in {report['seconds'] / 60:.1f} min; wrote "
           + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _architectures(args: argparse.Namespace) -> int:
+    from .architectures import (ArchitecturesConfig, architectures, architectures_table,
+                                write_architectures_report)
+
+    overrides = {k: v for k, v in {"dataset": args.dataset, "samples": args.samples,
+                                   "epochs": args.epochs, "betas": args.betas}.items()
+                 if v is not None}
+    if args.models is not None:
+        overrides["models"] = tuple(m.strip() for m in args.models.split(","))
+    if args.seeds is not None:
+        overrides["seeds"] = tuple(range(args.seeds))
+    config = (ArchitecturesConfig.quick(**overrides) if args.quick
+              else ArchitecturesConfig(**overrides))
+    today = datetime.date.today().isoformat()
+    tag = args.tag or (f"quick_{today}" if args.quick else today)
+    print(f"architectures: {config.run_count()} runs ({config.dataset}, {config.samples} images, "
+          f"models {list(config.models)}, {len(config.seeds)} seeds, {config.epochs} epochs, "
+          f"{torch.get_num_threads()} thread(s))", flush=True)
+    report = architectures(config, progress=not args.no_progress, cache=args.cache,
+                           root=args.data_root,
+                           on_model_done=lambda r: write_architectures_report(r, args.out_dir, tag))
+    paths = write_architectures_report(report, args.out_dir, tag)
+    print(architectures_table(report))
+    print(f"done in {report['seconds'] / 60:.1f} min; wrote "
+          + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _mechanism(args: argparse.Namespace) -> int:
+    from .mechanism import mechanism
+
+    today = datetime.date.today().isoformat()
+    paths = mechanism(dataset=args.dataset, model=args.model, width=args.width,
+                      samples=args.samples, epochs=args.epochs, min_steps=args.min_steps,
+                      beta=args.beta, seed=args.seed, out_dir=args.out_dir,
+                      tag=args.tag or today, cache=args.cache, root=args.data_root,
+                      progress=not args.no_progress)
+    print(Path(paths["md"]).read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 

