@@ -99,6 +99,7 @@ constexpr float kP[5] = {1.3814185513183475e-3f, 8.368914015591145e-3f, 4.166840
                          1.666651964187622e-1f, 4.999999403953552e-1f};
 constexpr float kLargest = 87.0f;  // exp(-87) is near the smallest normal float
 constexpr float kClamp = 88.0f;    // -88 log2(e) rounds to -127: a scale of 0
+constexpr float kRoundMagic = 12582912.0f + 127.0f;  // 1.5 2^23 + 127: see below
 }  // namespace detail
 
 #if defined(CPU_CAPABILITY_AVX512) && !defined(_MSC_VER)
@@ -128,15 +129,17 @@ inline ReluProbs<at::vec::Vectorized<float>> relu_and_probs(const at::vec::Vecto
   const __m256 r = _mm256_max_ps(_mm256_setzero_ps(), y);  // the second operand where NaN
   // r clamped to 88 (NaN too): there n = -127 and the scale 2^n below is 0, so q = 0 and s = 1
   const __m256 clamped = _mm256_min_ps(r, _mm256_set1_ps(kClamp));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(-kLog2e)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // n = round(-r log2(e)) as the low bits of t = -r log2(e) + 1.5 2^23 + 127 (the addition
+  // rounds to an integer), which also hold n + 127, the exponent field of 2^n
+  const __m256 magic = _mm256_set1_ps(kRoundMagic);
+  const __m256 t = _mm256_fmadd_ps(clamped, _mm256_set1_ps(-kLog2e), magic);
+  const __m256 n = _mm256_sub_ps(t, magic);
   __m256 x = _mm256_fnmsub_ps(n, _mm256_set1_ps(kLn2Hi), clamped);  // -r - n ln2, in two steps
   x = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), x);
   __m256 p = _mm256_set1_ps(kP[0]);
   for (int i = 1; i < 5; ++i) p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(kP[i]));
   const __m256 expm1 = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), x);  // exp(x) - 1
-  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
   // q = 2^n (1 + expm1), s = 1 - q = (1 - 2^n) - 2^n expm1: -expm1 itself where n = 0
   const __m256 q = _mm256_mul_ps(_mm256_add_ps(expm1, one), scale);
   const __m256 s = _mm256_fnmadd_ps(scale, expm1, _mm256_sub_ps(one, scale));
