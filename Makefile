@@ -44,6 +44,7 @@ bench: build
 	mkdir -p benchmarks/results
 	$(PY) -m pytest benchmarks -p no:cacheprovider --benchmark-json=benchmarks/results/cpu.json
 	$(PY) benchmarks/report.py benchmarks/results/cpu.json
+	$(PY) benchmarks/core_ratios.py --rounds 60 --out benchmarks/results/core_ratios.json
 	$(PY) benchmarks/resnet_step.py --out benchmarks/results/resnet_step.json
 
 # On a CUDA machine with torch and Triton already installed (no network needed).

@@ -60,3 +60,21 @@ def test_keep_input_relu_matches_relu():
 def test_unknown_variant_is_refused():
     with pytest.raises(SystemExit):
         _resnet_step().main(["--variants", "no-shade,fast"])
+
+
+def test_core_ratios_runs_and_judges_the_goals(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "core_ratios", os.path.join(ROOT, "benchmarks", "core_ratios.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    times = {"penalty shade_ops": [1.0, 2.0], "penalty eager": [12.0, 24.0],
+             "penalty compile": [1.5, 3.0], "ShadeReLU": [1.2, 2.4], "nn.ReLU": [1.0, 2.0]}
+    ratios = module.summary(times)["ratios"]
+    assert ratios["penalty: eager / shade_ops"]["median"] == pytest.approx(12.0)
+    assert ratios["penalty: eager / shade_ops"]["met"]
+    assert not ratios["penalty: compile / shade_ops"]["met"]  # 1.5x < 2x
+    assert ratios["ShadeReLU / nn.ReLU"]["met"]
+    if "cpu" in __import__("shade_ops").available_backends("cpu"):
+        report = module.main(["--rounds", "2", "--out", str(tmp_path / "r.json")])
+        assert set(report["ratios"]) == set(module.RATIOS)
+        assert (tmp_path / "r.md").read_text().startswith("Side-by-side ratios")
