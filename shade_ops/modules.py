@@ -104,6 +104,9 @@ class _ShadeLayer(nn.Module):
         known = states[site].num_units if site < len(states) else self.num_units
         unit_dim = self._resolve_unit_dim(y, known)
         if site == len(states):
+            if self.num_units is not None and y.shape[unit_dim] != self.num_units:
+                raise ValueError(f"{type(self).__name__}(num_units={self.num_units}) at its call "
+                                 f"site {site}: " + unit_count_message(y, unit_dim, self.num_units))
             state = self._new_state(y.shape[unit_dim])
             if site == 0:
                 self.state = state

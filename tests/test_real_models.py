@@ -291,6 +291,13 @@ def test_known_width_decides_3d_units():
     assert act.state.num_units == 8
 
 
+def test_given_width_holds_at_every_call_site():
+    model = shade_ops.track(nn.Sequential(nn.Linear(4, 8), shade_ops.ShadeReLU(num_units=8)))
+    model[1](torch.randn(2, 8))
+    with pytest.raises(ValueError, match="num_units=8"):
+        model[1](torch.randn(2, 6))  # a second call site, of another width
+
+
 # ---- several forwards, one backward ---------------------------------------------------------
 
 def test_several_forwards_before_one_backward_collect_after_each():
