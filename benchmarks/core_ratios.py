@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
-import platform
 import random
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
@@ -31,6 +30,18 @@ import shade_ops  # noqa: E402
 from shade_ops import ShadeState, reference  # noqa: E402
 
 SHAPE = (128, 64, 16, 16)
+
+
+def _load_resnet_step():
+    # its shuffled rounds and machine name, loaded from its file (benchmarks/ is not a package)
+    spec = importlib.util.spec_from_file_location(
+        "resnet_step", os.path.join(os.path.dirname(os.path.abspath(__file__)), "resnet_step.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_RESNET_STEP = _load_resnet_step()
 
 
 def variants() -> dict:
@@ -69,20 +80,13 @@ RATIOS = {  # name: (numerator, denominator, goal, goal text)
 
 
 def measure(rounds: int, seed: int = 0) -> dict[str, list[float]]:
+    """Milliseconds per call of each variant, one entry per round (resnet_step's rounds)."""
     calls = variants()
     for call in calls.values():  # warm: compiled, allocated
         call()
         call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    rng = random.Random(seed)
-    for _ in range(rounds):
-        order = list(calls)
-        rng.shuffle(order)
-        for name in order:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return times
+    seconds = _RESNET_STEP._interleave(calls, rounds, random.Random(seed))
+    return {name: [t * 1e3 for t in times] for name, times in seconds.items()}
 
 
 def summary(times: dict[str, list[float]]) -> dict:
@@ -113,17 +117,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=40)
@@ -134,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     report = {"shape": "x".join(map(str, SHAPE)), "rounds": args.rounds,
               "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "machine": f"{_cpu_name()}, {os.cpu_count()} cores, kernels built for "
+              "machine": f"{_RESNET_STEP._cpu_name()}, {os.cpu_count()} cores, kernels built for "
                          f"{getattr(getattr(shade_ops._ops, '_C', None), 'CPU_CAPABILITY', '?')}",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")}
     report.update(summary(measure(args.rounds)))
