@@ -143,7 +143,6 @@ def plot_fixed_images(report: dict, images: np.ndarray, path: str | Path,
         ax.imshow(images[i].transpose(1, 2, 0))
         ax.set_title(f"base {base[i]} / SH {labels[i]}", fontsize=7)
     c = report["config"]
-    bins = [layer["bins"] for layer in report["runs"]["none"]["information"][0]["layers"]]
     fig.suptitle(f"Test images of {c['dataset']} the baseline gets wrong and SHADE right "
                  f"({len(fixed)} such images; {len(broken)} the other way round); seed "
                  f"{c['seed']}, {c['samples']} training images", fontsize=8)
