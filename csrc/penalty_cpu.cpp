@@ -111,10 +111,14 @@ template <typename V>
 struct BackwardCoef {
   V mu0, mu1, w_gap, w, two_w;
 };
+// Grouped as q a + (s (2 w d1) + extra) with a = [y > 0] w (mu0 - mu1)(d1 + d0) + 2 w d0: a needs
+// y alone, so that only two operations wait for the exp (the loop is bound by its chain of
+// dependent operations more than by their number). extra: ReLU's gradient, or 0.
 template <typename V>
-inline V gradient(const V& y, const ReluProbs<V>& p, const BackwardCoef<V>& k) {
+inline V gradient(const V& y, const ReluProbs<V>& p, const BackwardCoef<V>& k, const V& extra) {
   const V d1 = y - k.mu1, d0 = y - k.mu0;
-  return fma_(where_positive(y, p.q * (d1 + d0)), k.w_gap, k.two_w * fma_(p.q, d0, p.s * d1));
+  const V a = fma_(k.two_w, d0, where_positive(y, k.w_gap * (d1 + d0)));
+  return fma_(p.q, a, fma_(p.s, k.two_w * d1, extra));
 }
 
 // where(finite, a, b), and finite = |x| <= the largest value (false for inf and NaN)
@@ -428,8 +432,8 @@ void gradient_run(const acc_t* y, const acc_t* go, acc_t* g, int64_t n, acc_t w,
                                         Vec::loadu(w_gap + i), unit.w, unit.two_w}
                     : unit;
   };
-  auto relu_grad = [&](Vec gv, const Vec& v, int64_t i) {
-    return kGradOut ? gv + where_positive(v, Vec::loadu(go + i)) : gv;
+  auto relu_grad = [&](const Vec& v, int64_t i) {
+    return kGradOut ? where_positive(v, Vec::loadu(go + i)) : Vec(0);
   };
   int64_t i = 0;
   if (!huge_mu) {
@@ -438,20 +442,19 @@ void gradient_run(const acc_t* y, const acc_t* go, acc_t* g, int64_t n, acc_t w,
       if constexpr (kGradOut) prefetch(go + i + kPrefetch);
       const Vec v = Vec::loadu(y + i);
       if (any_huge(v)) break;
-      relu_grad(gradient(v, relu_and_probs(v), coef_at(i)), v, i).store(g + i);
+      gradient(v, relu_and_probs(v), coef_at(i), relu_grad(v, i)).store(g + i);
     }
   }
   for (; i + Vec::size() <= n; i += Vec::size()) {
     const Vec v = Vec::loadu(y + i);
-    relu_grad(exact_squares(v, relu_and_probs(v), coef_at(i)), v, i).store(g + i);
+    (exact_squares(v, relu_and_probs(v), coef_at(i)) + relu_grad(v, i)).store(g + i);
   }
   for (; i < n; ++i) {
     const int64_t j = kPerUnit ? i : 0;
     const BackwardCoef<acc_t> k{mu0[j], mu1[j], w_gap[j], w, 2 * w};
-    acc_t gv = huge_mu || any_huge(y[i]) ? exact_squares(y[i], relu_and_probs(y[i]), k)
-                                         : gradient(y[i], relu_and_probs(y[i]), k);
-    if constexpr (kGradOut) gv += where_positive(y[i], go[i]);
-    g[i] = gv;
+    const acc_t relu = kGradOut ? where_positive(y[i], go[i]) : acc_t(0);
+    g[i] = huge_mu || any_huge(y[i]) ? exact_squares(y[i], relu_and_probs(y[i]), k) + relu
+                                     : gradient(y[i], relu_and_probs(y[i]), k, relu);
   }
 }
 
