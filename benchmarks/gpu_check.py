@@ -900,7 +900,7 @@ def _resnet_rows(name: str, shape: tuple, config: dict, memory_format: str, args
     import torch
 
     import shade_ops
-    from shade_ops.models import build_model
+    from shade_ops.experiments.models import build_model
 
     layout = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
     x = torch.randn(shape, device=args.device).contiguous(memory_format=layout)

@@ -37,7 +37,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import shade_ops  # noqa: E402
-from shade_ops.models import build_model  # noqa: E402
+from shade_ops.experiments.models import build_model  # noqa: E402
 
 VARIANTS = ("no-shade", "relu-keep-y", "shade_ops", "shade-eager")
 EAGER_BASELINE = "no-shade (eager rounds)"

@@ -1,6 +1,6 @@
 """``python -m shade_ops``: the ``shade-ops`` command line."""
 import sys
 
-from .cli import main
+from .experiments.cli import main
 
 sys.exit(main())

@@ -3,7 +3,7 @@
 The same launchers serve two dispatch entries:
 - CUDA tensors: they are registered as the CUDA kernels of the ops that ``csrc/shade_ops.cpp``
   declares (``shade_ops::penalty_forward`` and friends), so there is one op definition, with its
-  fake and autograd registrations in ``_ops.py``;
+  fake and autograd registrations in ``_registry.py``;
 - CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests them): as the CPU kernels of the opaque
   ops ``shade_ops::triton_*``, since the interpreter runs Triton on CPU tensors but the CPU
   dispatch entry of the native ops belongs to the C++ kernels.
@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _ops
+from . import _registry
+from ._layout import accumulation_dtype
 
 __all__ = ["penalty_forward", "relu_penalty_forward", "penalty_backward", "update_state",
            "CUDA_OPS", "CUDA_UNAVAILABLE", "INTERPRETER_OPS", "INTERPRETER_UNAVAILABLE"]
@@ -657,7 +658,7 @@ def _forward_plan(y: torch.Tensor, mu: torch.Tensor, reduction: str,
     plan = _ForwardPlan()
     A, C, B = shape
     plan.reshape, plan.C, plan.count = not is_view, C, A * B
-    plan.acc = _ops.accumulation_dtype(y.dtype)
+    plan.acc = accumulation_dtype(y.dtype)
     plan.empty = A * B == 0 or C == 0
     if plan.empty:
         return plan
@@ -862,21 +863,21 @@ INTERPRETER_UNAVAILABLE = (
     "which must be set before Triton is first imported (Triton was imported without it, so its "
     "kernels are compiled for a GPU)")
 
-if _ops.NATIVE_OPS is not None:
+if _registry.NATIVE_OPS is not None:
     # The CUDA kernels of the ops csrc/shade_ops.cpp declares: one op definition, whose fake and
-    # autograd registrations _ops.py made once. Registering touches no CUDA device.
+    # autograd registrations _registry.py made once. Registering touches no CUDA device.
     for _name, _fn in (("penalty_forward", penalty_forward),
                        ("relu_penalty_forward", relu_penalty_forward),
                        ("penalty_backward", penalty_backward),
                        ("update_state", update_state)):
         torch.library.register_kernel(f"shade_ops::{_name}", "cuda", _fn)
-    CUDA_OPS: _ops.PenaltyOps | None = _ops.NATIVE_OPS
+    CUDA_OPS: _registry.PenaltyOps | None = _registry.NATIVE_OPS
     CUDA_UNAVAILABLE: str | None = None
 else:
     CUDA_OPS = None
     CUDA_UNAVAILABLE = (f"the compiled extension shade_ops._C, which declares the ops the Triton "
-                        f"kernels implement, did not load ({_ops.NATIVE_IMPORT_ERROR}); "
-                        f"{_ops.BUILD_HINT}")
+                        f"kernels implement, did not load ({_registry.NATIVE_IMPORT_ERROR}); "
+                        f"{_registry.BUILD_HINT}")
 
 # CPU tensors under the interpreter: opaque ops with the schemas of csrc/shade_ops.cpp.
 _SCHEMAS = {
@@ -898,11 +899,11 @@ for _name, _schema in _SCHEMAS.items():
     torch.library.impl(f"shade_ops::{_name}", "cpu", _LAUNCHERS[_name])
 
 torch.library.register_fake("shade_ops::triton_update_state")(lambda p, mu, sums, decay: None)
-_ops.register_penalty_ops(torch.ops.shade_ops.triton_penalty_forward.default,
+_registry.register_penalty_ops(torch.ops.shade_ops.triton_penalty_forward.default,
                           torch.ops.shade_ops.triton_relu_penalty_forward.default,
                           torch.ops.shade_ops.triton_penalty_backward.default)
 
-INTERPRETER_OPS: _ops.PenaltyOps | None = _ops.PenaltyOps(
+INTERPRETER_OPS: _registry.PenaltyOps | None = _registry.PenaltyOps(
     forward=torch.ops.shade_ops.triton_penalty_forward.default,
     relu_forward=torch.ops.shade_ops.triton_relu_penalty_forward.default,
     backward=torch.ops.shade_ops.triton_penalty_backward.default,

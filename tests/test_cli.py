@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from shade_ops import data as data_module
-from shade_ops.architectures import ArchitecturesConfig
-from shade_ops.cli import main
-from shade_ops.experiments import SweepConfig
+from shade_ops.experiments import data as data_module
+from shade_ops.experiments.architectures import ArchitecturesConfig
+from shade_ops.experiments.cli import main
+from shade_ops.experiments.training import SweepConfig
 
 from conftest import fake_cifar10, fake_mnist_m
 
@@ -183,7 +183,7 @@ def test_python_m_help():
 
 
 def test_merge_reports_joins_sweeps_of_other_sizes(tmp_path, cache):
-    from shade_ops.experiments import merge_reports, write_report
+    from shade_ops.experiments.training import merge_reports, write_report
 
     common = ["--dataset", "digits-m", "--seeds", "2", "--epochs", "1", "--min-steps", "2",
               "--model", "mlp", "--width", "8", "--regularizers", "none,shade",

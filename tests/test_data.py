@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from shade_ops import data as data_module
-from shade_ops.data import Split, load_dataset
-from shade_ops.experiments import TrainConfig, train
+from shade_ops.experiments import data as data_module
+from shade_ops.experiments.data import Split, load_dataset
+from shade_ops.experiments.training import TrainConfig, train
 
 from conftest import fake_cifar10, fake_mnist_m
 

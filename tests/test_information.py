@@ -1,4 +1,4 @@
-"""shade_ops.information: the binned entropy estimator on distributions whose entropies are
+"""shade_ops.experiments.information: the binned entropy estimator on distributions whose entropies are
 known, and layer_information on real models (every call site, baseline and SHADE alike)."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import shade_ops
-from shade_ops.information import binned_entropies, layer_information
-from shade_ops.models import build_model
+from shade_ops.experiments.information import binned_entropies, layer_information
+from shade_ops.experiments.models import build_model
 
 
 def test_uniform_on_k_bins_has_entropy_ln_k():
@@ -125,8 +125,8 @@ def test_conv_units_are_channels_and_samples_are_capped():
 
 
 def test_training_records_information_each_epoch():
-    from shade_ops.data import Dataset, Split
-    from shade_ops.experiments import TrainConfig, train
+    from shade_ops.experiments.data import Dataset, Split
+    from shade_ops.experiments.training import TrainConfig, train
 
     g = torch.Generator().manual_seed(0)
     split = Split(torch.randint(256, (60, 1, 8, 8), generator=g, dtype=torch.uint8),

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import shade_ops
-from shade_ops.models import MODELS, build_model
+from shade_ops.experiments.models import MODELS, build_model
 
 
 def _small(name: str) -> dict:

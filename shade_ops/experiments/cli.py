@@ -43,7 +43,7 @@ def _common(parser: argparse.ArgumentParser, threads_default: int | None) -> Non
 
 def _parser() -> argparse.ArgumentParser:
     from .data import DATASETS
-    from .experiments import REGULARIZERS, SweepConfig, TrainConfig
+    from .training import REGULARIZERS, SweepConfig, TrainConfig
     from .models import MODELS
 
     parser = argparse.ArgumentParser(
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .experiments import TrainConfig, train
+    from .training import TrainConfig, train
 
     config = TrainConfig(dataset=args.dataset, model=args.model, samples=args.samples,
                          regularizer=args.regularizer, beta=args.beta,
@@ -183,7 +183,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from .experiments import SweepConfig, markdown_table, sweep, write_report
+    from .training import SweepConfig, markdown_table, sweep, write_report
 
     overrides = {k: v for k, v in {
         "dataset": args.dataset, "model": args.model, "width": args.width, "sizes": args.sizes,
@@ -258,7 +258,7 @@ def _mechanism(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import shade_ops
     from .data import load_dataset
-    from .experiments import TrainConfig, train
+    from .training import TrainConfig, train
     from .models import build_model
 
     started = time.perf_counter()
@@ -276,7 +276,7 @@ def _demo(args: argparse.Namespace) -> int:
           f"(cross-entropy {metrics['final_cross_entropy']:.3f}), {metrics['seconds']:.1f} s")
 
     if "cpu" not in shade_ops.available_backends():
-        from ._ops import NATIVE_IMPORT_ERROR
+        from .._ops import NATIVE_IMPORT_ERROR
 
         print(f"  fused-vs-eager timing skipped: the native backend is not built "
               f"({NATIVE_IMPORT_ERROR})")

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__
+from .. import __version__
 from .data import Dataset, Split, load_dataset
 from .models import build_model
-from .modules import collect, convert
+from ..modules import collect, convert
 
 __all__ = ["REGULARIZERS", "SweepConfig", "TrainConfig", "check_splits", "markdown_table",
            "merge_reports", "plot", "sweep", "train", "write_report"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import load_dataset
-from .experiments import TrainConfig, _environment, train
+from .training import TrainConfig, _environment, train
 
 __all__ = ["mechanism"]
 

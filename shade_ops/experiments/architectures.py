@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .experiments import _LABELS, REGULARIZERS, SweepConfig, _at_grid_edge, _environment, sweep
+from .training import _LABELS, REGULARIZERS, SweepConfig, _at_grid_edge, _environment, sweep
 
 __all__ = ["ArchitecturesConfig", "architectures", "architectures_table",
            "write_architectures_report"]

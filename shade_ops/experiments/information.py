@@ -37,7 +37,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .modules import _ShadeLayer
+from ..modules import _ShadeLayer
 
 __all__ = ["auto_bins", "binned_entropies", "layer_information"]
 
