@@ -182,20 +182,30 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(args: argparse.Namespace, names: tuple[str, ...], listed: str) -> dict:
+    """The config fields given on the command line: `names` as they are, `--seeds N` as seeds
+    0..N-1, and `listed` (a comma-separated option) as a tuple."""
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.seeds is not None:
+        overrides["seeds"] = tuple(range(args.seeds))
+    if getattr(args, listed) is not None:
+        overrides[listed] = tuple(item.strip() for item in getattr(args, listed).split(","))
+    return overrides
+
+
+def _tag(args: argparse.Namespace) -> str:
+    """The results' file tag: --tag, else the date (prefixed by quick_ for --quick)."""
+    today = datetime.date.today().isoformat()
+    return args.tag or (f"quick_{today}" if args.quick else today)
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     from .training import SweepConfig, markdown_table, sweep, write_report
 
-    overrides = {k: v for k, v in {
-        "dataset": args.dataset, "model": args.model, "width": args.width, "sizes": args.sizes,
-        "epochs": args.epochs, "min_steps": args.min_steps, "lr": args.lr, "betas": args.betas,
-        "weight_decays": args.weight_decays, "dropouts": args.dropouts}.items() if v is not None}
-    if args.seeds is not None:
-        overrides["seeds"] = tuple(range(args.seeds))
-    if args.regularizers is not None:
-        overrides["regularizers"] = tuple(r.strip() for r in args.regularizers.split(","))
+    overrides = _overrides(args, ("dataset", "model", "width", "sizes", "epochs", "min_steps",
+                                  "lr", "betas", "weight_decays", "dropouts"), "regularizers")
     config = SweepConfig.quick(**overrides) if args.quick else SweepConfig(**overrides)
-    today = datetime.date.today().isoformat()
-    tag = args.tag or (f"quick_{today}" if args.quick else today)
+    tag = _tag(args)
     print(f"reproduce: {config.run_count()} runs ({config.dataset}, {config.model}, sizes "
           f"{list(config.sizes)}, {len(config.seeds)} seeds, {config.epochs} epochs but at least "
           f"{config.min_steps} steps a run, "
@@ -217,17 +227,10 @@ def _architectures(args: argparse.Namespace) -> int:
     from .architectures import (ArchitecturesConfig, architectures, architectures_table,
                                 write_architectures_report)
 
-    overrides = {k: v for k, v in {"dataset": args.dataset, "samples": args.samples,
-                                   "epochs": args.epochs, "betas": args.betas}.items()
-                 if v is not None}
-    if args.models is not None:
-        overrides["models"] = tuple(m.strip() for m in args.models.split(","))
-    if args.seeds is not None:
-        overrides["seeds"] = tuple(range(args.seeds))
+    overrides = _overrides(args, ("dataset", "samples", "epochs", "betas"), "models")
     config = (ArchitecturesConfig.quick(**overrides) if args.quick
               else ArchitecturesConfig(**overrides))
-    today = datetime.date.today().isoformat()
-    tag = args.tag or (f"quick_{today}" if args.quick else today)
+    tag = _tag(args)
     print(f"architectures: {config.run_count()} runs ({config.dataset}, {config.samples} images, "
           f"models {list(config.models)}, {len(config.seeds)} seeds, {config.epochs} epochs, "
           f"{torch.get_num_threads()} thread(s))", flush=True)
