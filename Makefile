@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build test test-fast demo bench gpu-check triton-compat exp-ulp clean
+.PHONY: setup build test test-fast demo bench gpu-check triton-compat exp-ulp figures clean
 
 setup: $(STAMP)
 
@@ -78,3 +78,22 @@ exp-ulp: $(STAMP)
 		$$($(PY) -c "from torch.utils import cpp_extension as c; print(*['-I' + p for p in c.include_paths()])") \
 		csrc/tools/exp_ulp.cpp -o build/exp_ulp
 	./build/exp_ulp
+
+# Every figure and table of the README and docs/, under benchmarks/results with the tag
+# FIGURES_TAG (today's date by default): the benchmarks and their plots, the Triton compile
+# tables, then the paper's experiments on one thread each (about 2.5 hours of one idle core in
+# all; the 2026-11-29 results ran as several processes side by side).
+FIGURES_TAG ?= $(shell date +%F)
+SHADE_OPS := $(PY) -m shade_ops
+figures: build
+	$(MAKE) bench
+	$(MAKE) triton-compat
+	$(SHADE_OPS) reproduce --threads 1 --tag $(FIGURES_TAG)-mnist
+	$(SHADE_OPS) reproduce --threads 1 --sizes 50 --regularizers shade --betas 1e-2,3e-2 \
+		--tag $(FIGURES_TAG)-mnist-edge50
+	$(SHADE_OPS) reproduce --threads 1 --sizes 250,500 --regularizers dropout,shade \
+		--betas 3e-4,1e-3 --dropouts 0.1,0.25 --tag $(FIGURES_TAG)-mnist-edges
+	$(SHADE_OPS) mechanism --threads 1 --tag $(FIGURES_TAG)-mnist
+	$(SHADE_OPS) architectures --threads 1 --tag $(FIGURES_TAG)-mnist
+	$(SHADE_OPS) reproduce --threads 1 --dataset digits-m --seeds 4 --epochs 25 --min-steps 400 \
+		--betas 3e-4,1e-3,3e-3 --weight-decays 1e-4,1e-3,5e-3 --tag $(FIGURES_TAG)

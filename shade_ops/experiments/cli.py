@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     mech = commands.add_parser(
         "mechanism", help="Fig. 1 and 3: per-layer H(Y|C), I(Y;C) over training; images fixed",
         description="Trains the baseline and SHADE on the same training subset from the same "
-                    "weights, recording shade_ops.information.layer_information every epoch; "
+                    "weights, recording shade_ops.experiments.information.layer_information every epoch; "
                     "draws each layer's H(Y|C) over training and the information plane side by "
                     "side, and the test images the baseline gets wrong and SHADE right. Writes "
                     "mechanism_<tag>.json/.md/_information.png/_images.png.")
