@@ -96,7 +96,9 @@ def _assert_png(path) -> None:
 def test_cli_draws_every_figure_and_writes_the_summary(tmp_path, capsys):
     plots = _plots()
     cpu, gpu = tmp_path / "cpu.json", tmp_path / "gpu.json"
-    cpu.write_text(json.dumps(synthetic()))
+    # three layouts: a main panel and a 2x2 grid of small multiples
+    cpu.write_text(json.dumps(synthetic(layouts=(("nchw", "float32"), ("nchw", "bfloat16"),
+                                                 ("nld", "float32")))))
     # report.py's phase spelling, and a file without steps or peak memory
     gpu_data = synthetic("cuda", "Synthetic GPU", steps=False, layouts=(("nchw", "float32"),))
     for row in gpu_data["rows"]:
