@@ -16,11 +16,12 @@ places.
 from . import amp, reference
 from ._ops import available_backends
 from .functional import penalty, relu_penalty
+from .memory import recompute_relu
 from .fx import convert_fx
 from .modules import ShadePenalty, ShadeReLU, attach, call_sites, collect, convert, track
 from .state import ShadeState
 
 __all__ = ["ShadePenalty", "ShadeReLU", "ShadeState", "amp", "attach", "available_backends",
-           "call_sites", "collect", "convert", "convert_fx", "penalty", "reference",
-           "relu_penalty", "track"]
+           "call_sites", "collect", "convert", "convert_fx", "penalty", "recompute_relu",
+           "reference", "relu_penalty", "track"]
 __version__ = "0.1.0"

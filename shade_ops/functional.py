@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import _checkpoint, reference
+from .memory import note_relu_output
 from ._layout import check_inputs, from_op_output, op_input
 from ._ops import PenaltyOps, resolve_backend
 from .state import ShadeState
@@ -48,6 +49,8 @@ def run(y: torch.Tensor, state: ShadeState | None, unit_dim: int, reduction: str
         out = y
     if updates:
         _update(ops, state, sums)
+    if relu:
+        note_relu_output(out, y)
     return out, value
 
 
