@@ -46,7 +46,8 @@ TRAFFIC = {("penalty", "forward"): 1, ("penalty", "backward"): 2,
            ("copy", "forward"): 2}
 
 
-def build_model(name: str, in_shape: tuple[int, ...], num_classes: int = 10, **kwargs) -> nn.Module:
+def build_model(name: str, in_shape: tuple[int, ...], num_classes: int = 10,
+                **kwargs) -> nn.Module:
     """shade_ops' model builder; the one place that knows which module holds it."""
     try:
         from shade_ops.experiments.models import build_model as build
@@ -98,11 +99,12 @@ def fused_backends(device: str) -> list[str]:
 
 def make_input(case: Case, device: str, seed: int = 0) -> torch.Tensor:
     """The activations of a case, in its layout, requiring grad."""
-    gen = torch.Generator().manual_seed(seed)
-    y = (torch.randn(case.shape, generator=gen) * 2 + 0.3).to(getattr(torch, case.dtype))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    y = (torch.randn(case.shape, generator=gen, device=device) * 2 + 0.3).to(
+        getattr(torch, case.dtype))
     if case.layout == "channels_last":
         y = y.contiguous(memory_format=torch.channels_last)
-    return y.to(device).requires_grad_()
+    return y.requires_grad_()
 
 
 _COMPILED: dict = {}
@@ -284,25 +286,33 @@ def cpu_times(calls: dict[str, Callable], rounds: int, seconds: float, device: s
     return times
 
 
-def cuda_times(call: Callable, rep_ms: float) -> tuple[list[float], float | None]:
-    """([q1, median, q3] ms from triton.testing.do_bench, median ms of a CUDA-graph replay or
-    None where the call cannot be captured)."""
+def cuda_times(make: Callable[[], Callable], rep_ms: float) -> tuple[list[float], float | None]:
+    """([q1, median, q3] ms from triton.testing.do_bench of make()'s callable, median ms of a
+    CUDA-graph replay of another one, or None where it cannot be captured). The graph's callable
+    is made on the capturing stream, since a backward runs on the stream of its forward."""
     import triton.testing
 
+    call = make()
+    for _ in range(2):  # compiled, tuned, allocated: do_bench sizes its loop on its first call
+        call()
+    torch.cuda.synchronize()
     q = triton.testing.do_bench(call, warmup=max(5, int(rep_ms / 4)), rep=int(rep_ms),
                                 quantiles=[0.25, 0.5, 0.75])
+    stream = torch.cuda.Stream()
     try:
-        stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            call()
+            captured = make()
+            captured()
+            captured()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=stream):
-                call()
+                captured()
         torch.cuda.current_stream().wait_stream(stream)
         graph_ms = triton.testing.do_bench(graph.replay, warmup=max(5, int(rep_ms / 4)),
                                            rep=int(rep_ms), return_mode="median")
     except Exception:  # noqa: BLE001  (a provider whose call cannot be captured)
+        torch.cuda.current_stream().wait_stream(stream)
         graph_ms = None
     return list(q), graph_ms
 
@@ -342,7 +352,10 @@ def run_case(case: Case, device: str, rounds: int, seconds: float,
     rows = []
     if device == "cuda":
         for provider, call in calls.items():
-            q, graph = cuda_times(call, rep_ms)
+            fresh = (lambda p=provider: step_call(case, p, device)[0]) if case.phase == "step" \
+                else (lambda p=provider: op_call(case, p, device))
+            made = iter([call])  # do_bench times this one; the graph captures a fresh one
+            q, graph = cuda_times(lambda: next(made, None) or fresh(), rep_ms)
             peak = peak_bytes(call, device)
             row = make_row(case, provider, [q[1]], "cuda-do_bench", peak, copy_gbps)
             row.update(time_ms_q1=q[0], time_ms_q3=q[2])
@@ -367,7 +380,7 @@ def copy_bandwidth(device: str, numel: int, rounds: int = 10) -> tuple[float, di
     case = Case("copy", "forward", "nd", (numel // 64, 64), "float32", ("copy",))
     call = op_call(case, "copy", device)
     if device == "cuda":
-        q, graph = cuda_times(call, 40.0)
+        q, graph = cuda_times(lambda: call, 40.0)
         times, timer = [min(t for t in (q[1], graph) if t)], "cuda-do_bench"
     else:
         times, timer = cpu_times({"copy": call}, rounds, 5.0, device)["copy"], "cpu-perf_counter"
@@ -446,12 +459,17 @@ def run_plan(plan: Plan, device: str, command: str, budget_s: float,
                 continue
             is_step = case.phase == "step"
             # oneDNN's jit_1x1 backward_weights writes past its scratchpad for a strided 1x1 conv
-            # on an NHWC input with few channels (oneDNN issue #6035): ATen's convs on the CPU
-            torch.backends.mkldnn.enabled = onednn and not (is_step and device == "cpu")
+            # on an NHWC input with few channels (oneDNN issue #6035): ATen's convs (much slower)
+            # for channels_last steps on the CPU
+            torch.backends.mkldnn.enabled = onednn and not (
+                is_step and device == "cpu" and case.layout == "channels_last")
             share = left / max(1, len(plan.cases) - index)
+            began = time.monotonic()
             doc["rows"] += run_case(case, device, plan.step_rounds if is_step else plan.rounds,
                                     min(share, plan.seconds_per_case * (3 if is_step else 1)),
                                     copy_gbps)
+            print(f"{case.op} {case.phase} {case.layout} {'x'.join(map(str, case.shape))} "
+                  f"{case.dtype}: {time.monotonic() - began:.1f} s", flush=True)
             if index + 1 < len(plan.cases) and plan.cases[index + 1].shape != case.shape:
                 torch._dynamo.reset()  # compiled code of one shape at a time
             if on_progress is not None:
