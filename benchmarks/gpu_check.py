@@ -329,6 +329,8 @@ def markdown(report: dict) -> str:
         f"{report.get('date')}; torch {versions.get('torch')}, triton {versions.get('triton')}, "
         f"commit {versions.get('git')}; penalty in training mode (state update included).",
         f"**Error:** {report['error']}" if report.get("error") else "",
+        "\n".join(f"- failed: {e}" for e in report.get("errors", [])),
+        "\n".join(f"- left out: {e}" for e in report.get("skipped", [])),
         "\n".join(f"- `{t.get('command')}`: {t.get('summary') or t.get('skipped') or 'see JSON'}"
                   for t in report.get("tests", [])),
         "\n".join(f"- {a['shape']} {a['dtype']}: {a['text']}" for a in report.get("agreement", [])),
@@ -459,13 +461,15 @@ def _check(args: argparse.Namespace, budget: Budget, report: dict, save) -> None
 
 
 def succeeded(report: dict) -> bool:
-    """No error, no result that disagrees with the reference, and every test run that ran passed.
+    """No error, no case that failed, no result that disagrees with the reference, and every test
+    run that ran passed.
     On a GPU the CUDA tests of the Triton backend must have run: all of them skipped (say,
     shade_ops._C did not build) is a failure, not a success."""
     tests = report.get("tests", [])
     if any(entry.get("stack", 0) for entry in report.get("compile_report", [])):
         return False  # --compile-only: a kernel spills registers to the stack
-    if report.get("error") or not all(a.get("ok") for a in report.get("agreement", [])):
+    if report.get("error") or report.get("errors") or \
+            not all(a.get("ok") for a in report.get("agreement", [])):
         return False
     if not all(t.get("skipped") or t.get("returncode") in (0, 5) for t in tests):
         return False

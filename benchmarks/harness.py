@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -436,26 +436,27 @@ class Plan:
     seconds_per_case: float = 4.0
     step_rounds: int = 10
     copy_numel: int = 1 << 24
-    notes: dict = field(default_factory=dict)
 
 
 def run_plan(plan: Plan, device: str, command: str, budget_s: float,
              on_progress: Callable[[dict], None] | None = None) -> dict:
     """Measures the copy bandwidth, then every case of the plan while the budget lasts (cases
-    that would start past it are left out); returns the results document. on_progress gets the
-    document after each case (incremental saves)."""
+    that would start past it are listed under "skipped", cases that fail under "errors");
+    returns the results document. on_progress gets the document after each case (incremental
+    saves)."""
     start = time.monotonic()
     onednn = torch.backends.mkldnn.enabled
     copy_gbps, copy_row = copy_bandwidth(device, plan.copy_numel)
     doc = dict(schema=SCHEMA, date=datetime.datetime.now(datetime.timezone.utc)
                .strftime("%Y-%m-%dT%H:%M:%SZ"), machine=machine_info(device), versions=versions(),
-               command=command, copy_gbps=copy_gbps, rows=[copy_row], skipped=[])
+               command=command, copy_gbps=copy_gbps, rows=[copy_row], skipped=[], errors=[])
     try:
         for index, case in enumerate(plan.cases):
             left = budget_s - (time.monotonic() - start)
+            label = f"{case.op} {case.phase} {case.layout} {'x'.join(map(str, case.shape))} " \
+                f"{case.dtype}"
             if left < 2.0:
-                doc["skipped"].append(f"{case.op} {case.phase} {case.layout} {case.shape} "
-                                      f"{case.dtype}: time budget")
+                doc["skipped"].append(f"{label}: time budget")
                 continue
             is_step = case.phase == "step"
             # oneDNN's jit_1x1 backward_weights writes past its scratchpad for a strided 1x1 conv
@@ -465,11 +466,13 @@ def run_plan(plan: Plan, device: str, command: str, budget_s: float,
                 is_step and device == "cpu" and case.layout == "channels_last")
             share = left / max(1, len(plan.cases) - index)
             began = time.monotonic()
-            doc["rows"] += run_case(case, device, plan.step_rounds if is_step else plan.rounds,
-                                    min(share, plan.seconds_per_case * (3 if is_step else 1)),
-                                    copy_gbps)
-            print(f"{case.op} {case.phase} {case.layout} {'x'.join(map(str, case.shape))} "
-                  f"{case.dtype}: {time.monotonic() - began:.1f} s", flush=True)
+            try:
+                doc["rows"] += run_case(case, device, plan.step_rounds if is_step else plan.rounds,
+                                        min(share, plan.seconds_per_case * (3 if is_step else 1)),
+                                        copy_gbps)
+            except Exception as error:  # noqa: BLE001  (report it, measure the other cases)
+                doc["errors"].append(f"{label}: {type(error).__name__}: {error!s:.300}")
+            print(f"{label}: {time.monotonic() - began:.1f} s", flush=True)
             if index + 1 < len(plan.cases) and plan.cases[index + 1].shape != case.shape:
                 torch._dynamo.reset()  # compiled code of one shape at a time
             if on_progress is not None:

@@ -57,7 +57,7 @@ def test_quick_suite_follows_the_schema(quick):
     assert MACHINE <= set(quick["machine"]) and quick["machine"]["device"] == "cpu"
     assert VERSIONS <= set(quick["versions"]) and quick["versions"]["torch"] == torch.__version__
     assert quick["date"].endswith("Z") and _positive(quick["copy_gbps"])
-    assert quick["rows"], "no rows"
+    assert quick["rows"] and quick["errors"] == [], quick["errors"]
     for row in quick["rows"]:
         assert ROW <= set(row), sorted(ROW - set(row))
         for name, allowed in CHOICES.items():

@@ -940,6 +940,7 @@ def test_gpu_check_runs_commands_without_raising():
     wrong = dict(ok=False, text="WRONG with float64 reference (penalty 3.0e-01)")
     assert not gc.succeeded(dict(tests=[done], agreement=[wrong]))
     assert gc.succeeded(dict(tests=[done], agreement=[{**wrong, "ok": True}]))
+    assert not gc.succeeded(dict(tests=[done], errors=["penalty forward nd 37x9: RuntimeError"]))
 
 
 def test_gpu_check_quick_and_budgets():
