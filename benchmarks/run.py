@@ -85,7 +85,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for the whole run; cases past it are left out "
                              "(default: 40 quick, 540 full)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's choice; on a loaded machine "
+                             "two threads' barriers make times snap to scheduler ticks)")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     budget = args.budget or (40.0 if args.suite == "quick" else 540.0)
     plan = suite(args.suite, args.device)
     folder = os.path.dirname(os.path.abspath(args.out))
