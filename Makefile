@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build test test-fast demo bench gpu-check triton-compat exp-ulp figures clean
+.PHONY: setup build test test-fast demo bench bench-quick gpu-check triton-compat exp-ulp figures clean
 
 setup: $(STAMP)
 
@@ -38,14 +38,19 @@ demo: build
 
 # tests/conftest.py runs Triton through its interpreter where there is no GPU.
 
-# Speed on this machine: pytest-benchmark runs side by side, then the tables the README quotes;
-# then the ResNet training step with and without SHADE, in shuffled interleaved rounds.
+# Speed on this machine: the full suite of benchmarks/harness.py (penalty, ShadeReLU, a sweep over
+# elements and units, the MLP and ResNet-20 training steps with and without SHADE; about 9
+# minutes on two cores) into one results JSON, then its plots and summary.
+# bench-quick: a handful of small cases in under a minute, into build/.
+BENCH_JSON ?= benchmarks/results/bench_cpu_$(shell date -u +%Y-%m-%d).json
 bench: build
 	mkdir -p benchmarks/results
-	$(PY) -m pytest benchmarks -p no:cacheprovider --benchmark-json=benchmarks/results/cpu.json
-	$(PY) benchmarks/report.py benchmarks/results/cpu.json
-	$(PY) benchmarks/core_ratios.py --rounds 60 --out benchmarks/results/core_ratios.json
-	$(PY) benchmarks/resnet_step.py --out benchmarks/results/resnet_step.json
+	$(PY) benchmarks/run.py --suite full --out $(BENCH_JSON)
+	$(PY) benchmarks/plots.py $(BENCH_JSON) --out-dir benchmarks/results/plots
+
+bench-quick: build
+	mkdir -p build
+	$(PY) benchmarks/run.py --suite quick --out build/bench_quick.json
 
 # On a CUDA machine with torch and Triton already installed (no network needed).
 gpu-check:

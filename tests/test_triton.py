@@ -9,7 +9,6 @@ and skip without one; `make gpu-check` runs them.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import inspect
 import json
@@ -897,7 +896,7 @@ def test_gpu_check_arguments():
     assert not args.skip_install and not args.dry_run and not args.no_model
     dry = gc.parse_args(["--dry-run", "--shape", "3x4x5", "--dtype", "float32"])
     assert dry.device == "cpu" and dry.skip_install and dry.skip_tests and dry.skip_compile
-    assert not dry.no_model  # the dry run goes through the model-level step too
+    assert not dry.no_model  # the dry run goes through the model-level cases too
     assert dry.shapes == [(3, 4, 5)] and dry.dtypes == ["float32"]
     assert gc.parse_shape("256x64x56x56") == (256, 64, 56, 56)
     for bad in ("7", "3xa", "0x4"):
@@ -905,111 +904,22 @@ def test_gpu_check_arguments():
             gc.parse_shape(bad)
 
 
-def test_gpu_check_bytes_and_table():
+def test_gpu_check_cases_and_names():
+    """The harness cases of the check: Triton only where it agreed with the reference."""
     gc = _gpu_check()
-    assert gc.bytes_moved((256, 64, 56, 56), "float32", "forward") == 256 * 64 * 56 * 56 * 4
-    assert gc.bytes_moved((8192, 4096), "bfloat16", "backward") == 2 * 8192 * 4096 * 2
-    assert gc.bytes_moved((2, 3), "float32", "forward+backward") == 3 * 6 * 4
-    assert gc.bandwidth_gbs(10 ** 9, 1.0) == pytest.approx(1000.0)
-    shape = (8192, 4096)
-    rows = []
-    for impl, ms in (("triton", 0.1), ("eager", 1.0), ("compile", 0.3)):
-        for phase in gc.PHASES:
-            row = gc.Row(shape, "float32", phase, impl, ms=ms, ms_p20=ms, ms_p80=ms,
-                         graph_ms=ms / 2)
-            row.fill_bandwidth(copy_gbs=4000.0)
-            rows.append(row)
-    forward = rows[0]
-    assert forward.gbs == pytest.approx(8192 * 4096 * 4 / 1e-4 / 1e9)
-    assert forward.copy_fraction == pytest.approx(forward.gbs / 4000.0)
-    table = gc.markdown_table(rows, 4000.0)
-    assert table.count("\n| 8192x4096 |") == 9 and "3.00x" in table and "4000 GB/s" in table
-    checks = gc.goals(rows, [shape])
-    assert {(c["phase"], c["timing"]) for c in checks} == {
-        (p, t) for p in gc.PHASES for t in ("do_bench", "graph")}
-    speed = [c for c in checks if c["phase"] == "forward+backward"]
-    assert all(c["met"] and c["value"] == pytest.approx(3.0) for c in speed)
-    assert "| yes |" in gc.goals_markdown(checks)
+    args = gc.parse_args(["--shape", "8x4x3x3", "--shape", "37x9", "--dtype", "float32"])
+    penalty, model = gc.cases(args, {((8, 4, 3, 3), "float32"): True})
+    assert len(penalty) == 6 and {c.layout for c in penalty} == {"nchw", "nd"}
+    assert all(("triton" in c.providers) == (c.shape == (8, 4, 3, 3)) for c in penalty)
+    assert all("compile" in c.providers and "reference" in c.providers for c in penalty)
+    assert {(c.op, c.layout) for c in model} == {
+        ("shade_relu", "nchw"), ("step_resnet20", "nchw"), ("step_resnet20", "channels_last")}
+    assert gc.cases(gc.parse_args(["--no-model"]), {})[1] == []
     assert gc.device_slug("NVIDIA H200") == "nvidia-h200"
     assert gc.result_name("NVIDIA H200").startswith("gpu_check_")
-    assert gc.result_name("NVIDIA H200").endswith("_nvidia-h200.md")
+    assert gc.result_name("NVIDIA H200").endswith("_nvidia-h200.json")
     assert gc.pytest_summary("x\n===== 3 passed, 1 skipped in 2.0s =====\n") == \
         "3 passed, 1 skipped in 2.0s"
-
-
-def test_gpu_check_model_goals_and_tables():
-    """Issue 4's ratios from made-up rows: ShadeReLU over nn.ReLU, and what SHADE adds to the
-    ResNet's training step; their goals, tables and report section."""
-    gc = _gpu_check()
-    relu, step = (128, 64, 16, 16), (128, 3, 32, 32)
-    rows = [gc.ModelRow("ReLU", relu, "float32", "forward", "shade", ms=0.03, graph_ms=0.02),
-            gc.ModelRow("ReLU", relu, "float32", "forward", "plain", ms=0.01, graph_ms=0.01),
-            gc.ModelRow("ReLU", relu, "float32", "forward+backward", "shade", ms=0.05,
-                        ms_p20=0.04, ms_p80=0.06, graph_ms=0.05),
-            gc.ModelRow("ReLU", relu, "float32", "forward+backward", "plain", ms=0.05,
-                        graph_ms=0.04),
-            gc.ModelRow("ResNet-20", step, "float32", "training step", "shade", ms=10.2,
-                        rounds=15, note="graph: RuntimeError: capture"),
-            gc.ModelRow("ResNet-20", step, "float32", "training step", "plain", ms=10.0,
-                        rounds=15),
-            gc.ModelRow("ResNet-20", step, "float32", "training step", "shade", "channels_last",
-                        ms=11.0, graph_ms=8.0, rounds=15),
-            gc.ModelRow("ResNet-20", step, "float32", "training step", "plain", "channels_last",
-                        ms=10.0, graph_ms=8.0, rounds=15)]
-    ratios = gc.model_ratios(rows)
-    assert ratios[("ReLU", relu, "float32", "forward", "contiguous")] == pytest.approx((3, 2))
-    assert len(ratios) == 4
-    checks = gc.model_goals(rows)
-    found = {(c["phase"], c["timing"]): (c["value"], c["met"]) for c in checks}
-    assert found == {
-        ("ShadeReLU forward+backward", "do_bench"): (pytest.approx(1.0), True),
-        ("ShadeReLU forward+backward", "graph"): (pytest.approx(1.25), False),
-        ("ResNet-20 training step", "wall"): (pytest.approx(0.02), True),
-        ("ResNet-20 training step", "graph"): (None, None),
-        ("ResNet-20 training step, channels_last", "wall"): (pytest.approx(0.1), False),
-        ("ResNet-20 training step, channels_last", "graph"): (pytest.approx(0.0), True)}
-    assert all(c["shape"] in (list(relu), list(step)) for c in checks)
-    table = gc.goals_markdown(checks)
-    for cells in ("<= 1.1x nn.ReLU | 1.00x | yes |", "<= 1.1x nn.ReLU | 1.25x | NO |",
-                  "<= +3% without SHADE | +2.0% | yes |", "<= +3% without SHADE | - | - |",
-                  "<= +3% without SHADE | +10.0% | NO |", "<= +3% without SHADE | +0.0% | yes |"):
-        assert cells in table
-    # checks saved before they had a unit read as they did
-    old = dict(shape=[2, 3], dtype="float32", phase="forward+backward", timing="graph",
-               goal=">= 1.2x torch.compile", value=1.5, met=True)
-    table = gc.goals_markdown([old, {**old, "goal": ">= 80% of copy", "value": 0.81}])
-    assert "| 1.50x | yes |" in table and "| 81% | yes |" in table
-    table = gc.model_table(rows)
-    assert table.count("\n| ReLU | 128x64x16x16 | float32 | contiguous |") == 4
-    assert "| 0.0500 (0.0400-0.0600) | 0.0500 | 1.000x | 1.250x |" in table
-    assert "| 10.2000, 15 rounds | - | 1.020x | - | graph: RuntimeError: capture |" in table
-    skipped = gc.ModelRow("ResNet-20", step, "float32", "training step", "shade",
-                          note="skipped: time budget")
-    assert "| - | - | - | - | skipped: time budget |" in gc.model_table([skipped])
-    assert gc.model_goals([skipped]) == []
-    report = dict(versions=dict(device_name="NVIDIA H200", torch="2.13", triton="3.5"),
-                  started="today", tests=[], rows=[], goals=checks, sweep=[], copy_gbs=None,
-                  seconds=1.0, model_rows=[dataclasses.asdict(r) for r in rows])
-    markdown = gc.report_markdown(json.loads(json.dumps(report)))  # as saved: lists, not tuples
-    assert "## Model level" in markdown and "ResNet-20 training step, channels_last" in markdown
-    assert "| ResNet-20 | 128x3x32x32 | float32 | channels_last | training step | shade |" \
-        in markdown
-    del report["model_rows"]  # a report from before the model level
-    assert "## Model level" not in gc.report_markdown(report)
-
-
-def test_gpu_check_interleaved_steps_and_quantiles():
-    gc = _gpu_check()
-    calls = []
-    steps = {"shade": lambda: calls.append("s"), "plain": lambda: calls.append("p")}
-    times = gc.interleaved_steps(steps, "cpu", rounds=4, per_round=2, budget=gc.Budget(60))
-    assert "".join(calls) == "sspp" "ppss" "sspp" "ppss"  # the order turns every other round
-    assert all(len(ms) == 4 and min(ms) >= 0 for ms in times.values())
-    late = gc.interleaved_steps(steps, "cpu", rounds=10, per_round=1, budget=gc.Budget(0),
-                                min_left=5)
-    assert [len(ms) for ms in late.values()] == [3, 3]  # at least 3 rounds, then the budget
-    assert gc.quantiles([4.0, 1.0, 3.0, 2.0, 5.0]) == pytest.approx([1.8, 3.0, 4.2])
-    assert gc.quantiles([2.0]) == [2.0, 2.0, 2.0]
 
 
 def test_gpu_check_runs_commands_without_raising():
@@ -1027,14 +937,16 @@ def test_gpu_check_runs_commands_without_raising():
     assert not gc.succeeded(dict(args=on_gpu, tests=[skipped]))
     assert gc.succeeded(dict(args=on_gpu, tests=[dict(returncode=0, summary="3 passed in 1s")]))
     assert not gc.succeeded(dict(args=on_gpu, tests=[]))
-    wrong = dict(note="WRONG with float64 reference (penalty 3.0e-01)")
-    assert not gc.succeeded(dict(tests=[done], rows=[wrong]))
+    wrong = dict(ok=False, text="WRONG with float64 reference (penalty 3.0e-01)")
+    assert not gc.succeeded(dict(tests=[done], agreement=[wrong]))
+    assert gc.succeeded(dict(tests=[done], agreement=[{**wrong, "ok": True}]))
+    assert not gc.succeeded(dict(tests=[done], errors=["penalty forward nd 37x9: RuntimeError"]))
 
 
 def test_gpu_check_quick_and_budgets():
     gc = _gpu_check()
     quick = gc.parse_args(["--quick"])
-    assert quick.budget == gc.QUICK_BUDGET <= 170 and quick.no_sweep
+    assert quick.budget == gc.QUICK_BUDGET <= 170
     assert quick.shapes == gc.QUICK_SHAPES
     assert gc.parse_args([]).budget == gc.BUDGET <= 340  # 6 minutes with the start, a rerun fits
     dry = gc.parse_args(["--dry-run"])
@@ -1063,64 +975,37 @@ def test_gpu_check_agreement_catches_a_wrong_kernel(monkeypatch):
 
 @needs_interpreter
 def test_gpu_check_dry_run(tmp_path, monkeypatch):
-    """The whole check on tiny shapes through the interpreter: timings, the model level, table,
-    JSON, files; results saved after every step, so a run that dies midway leaves them."""
+    """The whole check on tiny shapes through the interpreter, timed by the harness: the
+    penalty, ShadeReLU, a ResNet-8's step, in the harness's results format; saved after every
+    case, so a run that dies midway leaves them."""
     gc = _gpu_check()
-    saved_midway = []
-    resnet_benchmark = gc.resnet_benchmark
+    saved = []
+    write_results = gc.write_results
 
-    def look_then_run(args, budget):
-        saved_midway.append(json.loads((tmp_path / "out" / "gpu_check.json").read_text()))
-        return resnet_benchmark(args, budget)
+    def look_then_write(report, args):
+        saved.append(len(report.get("rows", [])))
+        return write_results(report, args)
 
-    monkeypatch.setattr(gc, "resnet_benchmark", look_then_run)
+    monkeypatch.setattr(gc, "write_results", look_then_write)
     report = gc.main(["--dry-run", "--shape", "3x4x5", "--dtype", "float32",
                       "--out", str(tmp_path / "out"), "--results-dir", str(tmp_path / "results")])
-    assert len(saved_midway[0]["rows"]) == 6 and len(saved_midway[0]["model_rows"]) == 4
-    assert all("agrees with float64 reference" in r["note"] for r in report["rows"]
-               if r["impl"] == "triton")
-    assert {r["impl"] for r in report["rows"]} == {"triton", "eager"}
-    assert all(r["ms"] and r["ms"] > 0 for r in report["rows"])
-    # the model level at its dry-run sizes: ShadeReLU against nn.ReLU, a ResNet-8's step
-    model = report["model_rows"]
-    assert {(r["model"], r["phase"], r["memory_format"], r["impl"]) for r in model} == \
-        {("ReLU", phase, "contiguous", impl) for phase in gc.RELU_PHASES
-         for impl in ("shade", "plain")} | \
-        {("ResNet-8", "training step", layout, impl) for layout in gc.MEMORY_FORMATS
-         for impl in ("shade", "plain")}
-    assert all(r["ms"] and r["ms"] > 0 for r in model), [r["note"] for r in model]
-    assert all(r["rounds"] == 2 for r in model if r["model"] == "ResNet-8")
-    assert {"ShadeReLU forward+backward", "ResNet-8 training step",
-            "ResNet-8 training step, channels_last"} <= {c["phase"] for c in report["goals"]}
-    saved = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
-    assert saved["versions"]["device_name"] == "cpu" and len(saved["rows"]) == 6
-    assert len(saved["model_rows"]) == 8
-    markdown = list((tmp_path / "results").glob("gpu_check_*_cpu.md"))
-    assert len(markdown) == 1 and len(list((tmp_path / "results").glob("*.json"))) == 1
+    assert gc.succeeded(report), report.get("error")
+    assert len(set(saved)) >= 4  # written as the rows came in
+    assert report["agreement"][0]["ok"] and report["schema"] == 1
+    rows = report["rows"]
+    penalty = {(r["phase"], r["provider"]) for r in rows if r["op"] == "penalty"}
+    assert penalty == {(p, i) for p in ("forward", "backward", "forward_backward")
+                       for i in ("triton", "reference")}
+    assert {(r["op"], r["provider"]) for r in rows if r["op"] != "penalty"} == {
+        ("copy", "copy"), ("shade_relu", "triton"), ("shade_relu", "nn_relu"),
+        ("step_resnet8", "plain"), ("step_resnet8", "triton")}
+    assert {r["memory_format"] for r in rows if r["suite"] == "step"} == \
+        {"contiguous", "channels_last"}
+    assert all(r["time_ms"] > 0 and r["timer"] == "cpu-perf_counter" for r in rows)
+    written = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert written["machine"]["device"] == "cpu" and len(written["rows"]) == len(rows)
+    markdown = list((tmp_path / "results").glob("gpu_check_*.md"))
+    assert len(markdown) == 1 and len(list((tmp_path / "results").glob("gpu_check_*.json"))) == 1
     text = markdown[0].read_text()
-    assert "| 3x4x5 | float32 | forward | triton |" in text and "## Model level" in text
-    assert "| ResNet-8 | 2x3x8x8 | float32 | channels_last | training step | shade |" in text
-
-
-_ONE_THREAD_RESNET = """
-import torch
-torch.set_num_threads(1)
-import gpu_check
-args = gpu_check.parse_args(["--dry-run"])
-onednn = torch.backends.mkldnn.enabled
-rows = gpu_check.resnet_benchmark(args, gpu_check.Budget(args.budget))
-assert len(rows) == 4 and all(row.ms for row in rows), [row.note for row in rows]
-assert torch.backends.mkldnn.enabled == onednn
-"""
-
-
-def test_gpu_check_resnet_step_on_one_thread():
-    """The dry run's ResNet-8 steps on one thread, channels_last included, in a process of its
-    own: oneDNN's backward of the 4 -> 8 strided 1x1 shortcut on an NHWC input corrupted the
-    heap there ("double free or corruption", oneDNN issue #6035), so gpu_check turns oneDNN off
-    for them on the CPU, and on again after."""
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "benchmarks")]))
-    done = subprocess.run([sys.executable, "-c", _ONE_THREAD_RESNET], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.returncode, done.stdout[-2000:], done.stderr[-3000:])
+    assert "| penalty | 3x4x5 | float32 | forward | nd | triton |" in text
+    assert "| step_resnet8 | 2x3x8x8 | float32 | step | channels_last | triton |" in text

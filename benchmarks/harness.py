@@ -1,0 +1,480 @@
+"""One benchmark harness for shade_ops, CPU and CUDA: cases declared as data, one runner, one
+results format ("schema": 1, described in docs/benchmarks.md).
+
+A Case is (op, phase, layout, shape, dtype, providers); run_case times every provider of a case
+side by side. CPU: perf_counter, every provider once per round in a shuffled order (an
+allocation-heavy one slows whatever runs next, so that wake reaches all of them alike), medians
+and quartiles over rounds. CUDA: triton.testing.do_bench, plus a "cuda-graph" row replaying the
+call in a CUDA graph where it can be captured. Peak memory of one call beyond what was allocated
+before it: CUDA max_memory_allocated; CPU the running sum of the profiler's memory events.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import math
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import shade_ops  # noqa: E402
+from shade_ops import ShadeState, reference  # noqa: E402
+
+SCHEMA = 1
+PHASES = ("forward", "backward", "forward_backward")
+LAYOUTS = ("nchw", "channels_last", "nd", "nld")
+BETA = 1e-3  # loss = cross_entropy + BETA * shade_ops.collect(model) in the step rows
+# bytes moved per element, in units of the element size: penalty forward reads y, backward reads
+# y and writes grad_y; ShadeReLU also writes its output and reads the output's gradient
+TRAFFIC = {("penalty", "forward"): 1, ("penalty", "backward"): 2,
+           ("penalty", "forward_backward"): 3, ("shade_relu", "forward"): 2,
+           ("shade_relu", "backward"): 3, ("shade_relu", "forward_backward"): 5,
+           ("copy", "forward"): 2}
+
+
+def build_model(name: str, in_shape: tuple[int, ...], num_classes: int = 10,
+                **kwargs) -> nn.Module:
+    """The experiments' model builder (imported on first use: the op suites need none of it)."""
+    from shade_ops.experiments.models import build_model as build
+    return build(name, in_shape, num_classes, **kwargs)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One thing to measure, against each of `providers`."""
+
+    op: str                       # penalty | shade_relu | copy | step_mlp | step_resnet20
+    phase: str                    # forward | backward | forward_backward | step
+    layout: str                   # nchw | channels_last | nd | nld
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    providers: tuple[str, ...] = ()
+    extra: tuple = ()             # step cases: (("model", "resnet20"), ("builder", "resnet"),
+    #                               ("kwargs", (("blocks", 3),)))
+
+    @property
+    def units(self) -> int:
+        """Units of the case: the last dim for nld, else dim 1."""
+        return self.shape[-1] if self.layout == "nld" else self.shape[1]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def shape_for(layout: str, numel: int, units: int) -> tuple[int, ...]:
+    """A shape of about `numel` elements with `units` units in `layout`."""
+    per_unit = max(1, numel // units)
+    if layout in ("nchw", "channels_last"):
+        side = next(s for s in (16, 8, 4, 2, 1) if per_unit >= s * s * 2 or s == 1)
+        return (max(1, per_unit // (side * side)), units, side, side)
+    if layout == "nld":
+        length = 16 if per_unit >= 32 else 1
+        return (max(1, per_unit // length), length, units)
+    return (per_unit, units)
+
+
+def fused_backends(device: str) -> list[str]:
+    """shade_ops' fused backends usable on `device` (no Triton interpreter on the CPU)."""
+    names = [b for b in shade_ops.available_backends(device) if b != "reference"]
+    return [b for b in names if not (device == "cpu" and b == "triton")]
+
+
+def make_input(case: Case, device: str, seed: int = 0) -> torch.Tensor:
+    """The activations of a case, in its layout, requiring grad."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    y = (torch.randn(case.shape, generator=gen, device=device) * 2 + 0.3).to(
+        getattr(torch, case.dtype))
+    if case.layout == "channels_last":
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y.requires_grad_()
+
+
+_COMPILED: dict = {}
+
+
+def _penalty_fn(provider: str, unit_dim: int) -> Callable:
+    if provider == "reference":
+        return lambda y, s: reference.penalty(y, s, unit_dim=unit_dim)
+    if provider == "compile":  # one compiled function; torch.compile specialises it per shape
+        if unit_dim not in _COMPILED:
+            _COMPILED[unit_dim] = torch.compile(
+                lambda y, s: reference.penalty(y, s, unit_dim=unit_dim), fullgraph=True,
+                dynamic=False)
+        return _COMPILED[unit_dim]
+    return lambda y, s: shade_ops.penalty(y, s, unit_dim=unit_dim, backend=provider)
+
+
+def op_call(case: Case, provider: str, device: str) -> Callable[[], object]:
+    """The callable timed for one provider of an op case (training mode: the state updates).
+    The backward phase runs its forward once here and times autograd.grad(retain_graph=True)."""
+    if case.op == "copy":
+        x = make_input(case, device).detach()
+        out = torch.empty_like(x)
+        return lambda: out.copy_(x)
+    y = make_input(case, device)
+    unit_dim = -1 if case.layout == "nld" else 1
+    if case.op == "penalty":
+        fn, state = _penalty_fn(provider, unit_dim), ShadeState(case.units, device=device)
+        forward, upstream = (lambda: (fn(y, state),)), None
+    else:  # shade_relu
+        grad_out = torch.randn_like(y)
+        if provider == "nn_relu":
+            relu = nn.ReLU()
+            forward, upstream = (lambda: (relu(y),)), (grad_out,)
+        else:
+            act = shade_ops.ShadeReLU(case.units, unit_dim=unit_dim,
+                                      backend=provider).to(device).train()
+            one = torch.ones((), device=device)
+            forward, upstream = (lambda: (act(y), act.penalty)), (grad_out, one)
+    if case.phase == "forward":
+        return forward
+    if case.phase == "forward_backward":
+        return lambda: torch.autograd.grad(forward(), y, upstream)
+    outputs = forward()
+    return lambda: torch.autograd.grad(outputs, y, upstream, retain_graph=True)
+
+
+def step_call(case: Case, provider: str, device: str) -> tuple[Callable, Callable]:
+    """(one training step, its forward alone returning the loss) of a step case: SGD with
+    momentum 0.9 on a fixed batch; with SHADE (provider = convert's backend) on every layer, the
+    loss adds BETA * collect(model); provider "plain" is the model as built."""
+    extra = dict(case.extra)
+    torch.manual_seed(0)  # the same weights for every provider
+    model = build_model(extra["builder"], case.shape[1:], 10, **dict(extra.get("kwargs", ())))
+    if provider != "plain":
+        shade_ops.convert(model, backend=provider)
+    fmt = torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
+    model = model.to(device=device, memory_format=fmt).train()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(case.shape, generator=gen).to(device).contiguous(memory_format=fmt)
+    target = torch.randint(0, 10, (case.shape[0],), generator=gen).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def forward() -> torch.Tensor:
+        loss = nn.functional.cross_entropy(model(x), target)
+        return loss + BETA * shade_ops.collect(model) if provider != "plain" else loss
+
+    def step() -> None:
+        loss = forward()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step, forward
+
+
+# ---- memory ------------------------------------------------------------------------------
+
+def cpu_memory_trace(fn: Callable[[], object]) -> tuple[int, int]:
+    """(peak, net) bytes the CPU allocator holds during fn() beyond what it held before: the
+    running sum, in time order, of the profiler's allocation events ("[memory]" nodes of its
+    event tree, frees negative). FunctionEvent.cpu_memory_usage would not do: the profiler
+    charges an allocation to the op that made it, and only unattributed frees stay "[memory]"."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    del result
+    allocations, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        size = getattr(node.extra_fields, "alloc_size", None)
+        if size is not None and getattr(node.extra_fields, "device", None) == torch.device("cpu"):
+            allocations.append((node.start_time_ns, size))
+    running = peak = 0
+    for _, size in sorted(allocations, key=lambda a: a[0]):
+        running += size
+        peak = max(peak, running)
+    return peak, running
+
+
+def peak_bytes(fn: Callable[[], object], device: str) -> int | None:
+    """Peak bytes of one call of fn beyond what was allocated before it; None if unmeasurable."""
+    try:
+        if device == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - before
+        return cpu_memory_trace(fn)[0]
+    except Exception:  # noqa: BLE001  (a profiler that cannot run here: no figure, not a crash)
+        return None
+
+
+def held_bytes(forward: Callable[[], object], device: str) -> int | None:
+    """Bytes still allocated at the end of forward() (its graph, saved tensors) beyond before."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        loss = forward()
+        held = torch.cuda.memory_allocated() - before
+        del loss
+        return held
+    holder: list = []
+    try:
+        return cpu_memory_trace(lambda: holder.append(forward()))[1]
+    except Exception:  # noqa: BLE001
+        return None
+    finally:
+        holder.clear()
+
+
+# ---- timing ------------------------------------------------------------------------------
+
+def quartiles(values: list[float]) -> tuple[float, float | None, float | None]:
+    """(median, q1, q3); quartiles None with one sample."""
+    if len(values) == 1:
+        return values[0], None, None
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q2, q1, q3
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def cpu_times(calls: dict[str, Callable], rounds: int, seconds: float, device: str = "cpu",
+              min_sample_s: float = 2e-3, seed: int = 0) -> dict[str, list[float]]:
+    """Milliseconds per call of each callable: every round runs each once (a sample of `number`
+    calls, enough for min_sample_s), in a shuffled order; up to `rounds` rounds, fewer if they
+    would take more than `seconds` (at least 3)."""
+    numbers = {}
+    for name, call in calls.items():
+        call()  # warm: compiled, allocated
+        _sync(device)
+        start = time.perf_counter()
+        call()
+        _sync(device)
+        one = time.perf_counter() - start
+        numbers[name] = max(1, min(1000, int(min_sample_s / max(one, 1e-7))))
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    rng, began = random.Random(seed), time.perf_counter()
+    for index in range(rounds):
+        if index >= 3 and time.perf_counter() - began > seconds:
+            break
+        order = list(calls)
+        rng.shuffle(order)
+        for name in order:
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(numbers[name]):
+                calls[name]()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3 / numbers[name])
+    return times
+
+
+def cuda_times(make: Callable[[], Callable], rep_ms: float) -> tuple[list[float], float | None]:
+    """([q1, median, q3] ms from triton.testing.do_bench of make()'s callable, median ms of a
+    CUDA-graph replay of another one, or None where it cannot be captured). The graph's callable
+    is made on the capturing stream, since a backward runs on the stream of its forward."""
+    import triton.testing
+
+    call = make()
+    for _ in range(2):  # compiled, tuned, allocated: do_bench sizes its loop on its first call
+        call()
+    torch.cuda.synchronize()
+    q = triton.testing.do_bench(call, warmup=max(5, int(rep_ms / 4)), rep=int(rep_ms),
+                                quantiles=[0.25, 0.5, 0.75])
+    stream = torch.cuda.Stream()
+    try:
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            captured = make()
+            captured()
+            captured()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                captured()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph_ms = triton.testing.do_bench(graph.replay, warmup=max(5, int(rep_ms / 4)),
+                                           rep=int(rep_ms), return_mode="median")
+    except Exception:  # noqa: BLE001  (a provider whose call cannot be captured)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph_ms = None
+    return list(q), graph_ms
+
+
+# ---- rows --------------------------------------------------------------------------------
+
+def make_row(case: Case, provider: str, times_ms: list[float], timer: str,
+             peak: int | None, copy_gbps: float | None) -> dict:
+    """One row of the results format."""
+    median, q1, q3 = quartiles(times_ms)
+    traffic = TRAFFIC.get((case.op, case.phase))
+    moved = None if traffic is None else traffic * case.numel * \
+        torch.empty((), dtype=getattr(torch, case.dtype)).element_size()
+    gbps = None if moved is None or median <= 0 else moved / (median * 1e-3) / 1e9
+    row = dict(suite="step" if case.phase == "step" else "op", op=case.op, phase=case.phase,
+               provider=provider, layout=case.layout, shape=list(case.shape), units=case.units,
+               numel=case.numel, dtype=case.dtype, time_ms=median, time_ms_q1=q1, time_ms_q3=q3,
+               samples=len(times_ms), timer=timer, peak_bytes=peak, bytes_moved=moved, gbps=gbps,
+               roofline=gbps / copy_gbps if gbps and copy_gbps else None)
+    if case.phase == "step":
+        extra = dict(case.extra)
+        row.update(model=extra["model"], batch=case.shape[0],
+                   memory_format="channels_last" if case.layout == "channels_last"
+                   else "contiguous")
+    return row
+
+
+def run_case(case: Case, device: str, rounds: int, seconds: float,
+             copy_gbps: float | None = None, rep_ms: float = 40.0) -> list[dict]:
+    """The rows of one case, every provider measured side by side."""
+    calls, forwards = {}, {}
+    for provider in case.providers:
+        if case.phase == "step":
+            calls[provider], forwards[provider] = step_call(case, provider, device)
+        else:
+            calls[provider] = op_call(case, provider, device)
+    rows = []
+    if device == "cuda":
+        for provider, call in calls.items():
+            fresh = (lambda p=provider: step_call(case, p, device)[0]) if case.phase == "step" \
+                else (lambda p=provider: op_call(case, p, device))
+            made = iter([call])  # do_bench times this one; the graph captures a fresh one
+            q, graph = cuda_times(lambda: next(made, None) or fresh(), rep_ms)
+            peak = peak_bytes(call, device)
+            row = make_row(case, provider, [q[1]], "cuda-do_bench", peak, copy_gbps)
+            row.update(time_ms_q1=q[0], time_ms_q3=q[2])
+            rows.append(row)
+            if graph is not None:
+                rows.append(make_row(case, provider, [graph], "cuda-graph", peak, copy_gbps))
+    else:
+        times = cpu_times(calls, rounds, seconds, device)
+        for provider, call in calls.items():
+            rows.append(make_row(case, provider, times[provider], "cpu-perf_counter",
+                                 peak_bytes(call, device), copy_gbps))
+    if case.phase == "step":
+        held = {p: held_bytes(f, device) for p, f in forwards.items()}
+        for row in rows:
+            base, mine = held.get("plain"), held.get(row["provider"])
+            row["held_bytes"] = None if base is None or mine is None else mine - base
+    return rows
+
+
+def copy_bandwidth(device: str, numel: int, rounds: int = 10) -> tuple[float, dict]:
+    """(GB/s of out.copy_(x), bytes read + written, float32 x of `numel`; its row)."""
+    case = Case("copy", "forward", "nd", (numel // 64, 64), "float32", ("copy",))
+    call = op_call(case, "copy", device)
+    if device == "cuda":
+        q, graph = cuda_times(lambda: call, 40.0)
+        times, timer = [min(t for t in (q[1], graph) if t)], "cuda-do_bench"
+    else:
+        times, timer = cpu_times({"copy": call}, rounds, 5.0, device)["copy"], "cpu-perf_counter"
+    row = make_row(case, "copy", times, timer, peak_bytes(call, device), None)
+    row["roofline"] = 1.0
+    return row["gbps"], row
+
+
+# ---- the run -----------------------------------------------------------------------------
+
+def machine_info(device: str) -> dict:
+    """The results format's "machine"."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(line.split(":", 1)[1].strip() for line in f
+                            if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    capability = getattr(getattr(shade_ops._ops, "_C", None), "CPU_CAPABILITY", None) or \
+        torch.backends.cpu.get_cpu_capability()
+    return dict(device=device, name=f"{name} ({os.cpu_count()} cores, {capability})"
+                if device == "cpu" else name, cpu_capability=str(capability).lower(),
+                threads=torch.get_num_threads(),
+                hostname_hash=hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12])
+
+
+def versions() -> dict:
+    """The results format's "versions"."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                             capture_output=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        git = None
+    return dict(python=platform.python_version(), torch=torch.__version__,
+                triton=triton_version, shade_ops=getattr(shade_ops, "__version__", None), git=git)
+
+
+@dataclass
+class Plan:
+    """A suite: its cases, with the rounds and seconds each may take."""
+
+    cases: list[Case]
+    rounds: int = 15
+    seconds_per_case: float = 4.0
+    step_rounds: int = 10
+    copy_numel: int = 1 << 24
+
+
+def run_plan(plan: Plan, device: str, command: str, budget_s: float,
+             on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Measures the copy bandwidth, then every case of the plan while the budget lasts (cases
+    that would start past it are listed under "skipped", cases that fail under "errors");
+    returns the results document. on_progress gets the document after each case (incremental
+    saves)."""
+    start = time.monotonic()
+    onednn = torch.backends.mkldnn.enabled
+    copy_gbps, copy_row = copy_bandwidth(device, plan.copy_numel)
+    doc = dict(schema=SCHEMA, date=datetime.datetime.now(datetime.timezone.utc)
+               .strftime("%Y-%m-%dT%H:%M:%SZ"), machine=machine_info(device), versions=versions(),
+               command=command, copy_gbps=copy_gbps, rows=[copy_row], skipped=[], errors=[])
+    try:
+        for index, case in enumerate(plan.cases):
+            left = budget_s - (time.monotonic() - start)
+            label = f"{case.op} {case.phase} {case.layout} {'x'.join(map(str, case.shape))} " \
+                f"{case.dtype}"
+            if left < 2.0:
+                doc["skipped"].append(f"{label}: time budget")
+                continue
+            is_step = case.phase == "step"
+            # oneDNN's jit_1x1 backward_weights writes past its scratchpad for a strided 1x1 conv
+            # on an NHWC input with few channels (oneDNN issue #6035): ATen's convs (much slower)
+            # for channels_last steps on the CPU
+            torch.backends.mkldnn.enabled = onednn and not (
+                is_step and device == "cpu" and case.layout == "channels_last")
+            share = left / max(1, len(plan.cases) - index)
+            began = time.monotonic()
+            try:
+                doc["rows"] += run_case(case, device, plan.step_rounds if is_step else plan.rounds,
+                                        min(share, plan.seconds_per_case * (3 if is_step else 1)),
+                                        copy_gbps)
+            except Exception as error:  # noqa: BLE001  (report it, measure the other cases)
+                doc["errors"].append(f"{label}: {type(error).__name__}: {error!s:.300}")
+            print(f"{label}: {time.monotonic() - began:.1f} s", flush=True)
+            if index + 1 < len(plan.cases) and plan.cases[index + 1].shape != case.shape:
+                torch._dynamo.reset()  # compiled code of one shape at a time
+            if on_progress is not None:
+                on_progress(doc)
+    finally:
+        torch.backends.mkldnn.enabled = onednn
+    doc["seconds"] = round(time.monotonic() - start, 1)
+    return doc

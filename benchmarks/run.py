@@ -1,0 +1,115 @@
+"""Run a benchmark suite of shade_ops and write the results format (benchmarks/harness.py).
+
+    python benchmarks/run.py --suite full --device cpu --out benchmarks/results/cpu_<date>.json
+    python benchmarks/run.py --suite quick --out build/bench_quick.json --budget 40
+
+Suites (CPU): "full" times the penalty (forward, backward, forward+backward, training mode) and
+ShadeReLU (forward+backward) in four layouts and two dtypes against the eager reference,
+torch.compile of it and nn.ReLU; a sweep over elements (2^11 .. 2^24) and over units (16 ..
+1024); the training step of an MLP and a CIFAR ResNet-20 with SHADE on every layer against the
+plain step. "quick" is a handful of small cases of the same kinds, in well under a minute.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness  # noqa: E402
+from harness import Case, Plan, fused_backends, shape_for  # noqa: E402
+
+
+def step_cases(device: str, quick: bool, providers: tuple[str, ...]) -> list[Case]:
+    """The training steps: an MLP and a CIFAR ResNet-20 (quick: small inputs, narrow layers)."""
+    mlp_kwargs = (("width", 64),) if quick else (("width", 512),)
+    resnet_kwargs = (("blocks", 3), ("width", 8 if quick else 16))
+    batch, side = (8, 16) if quick else (64, 32)
+    return [
+        Case("step_mlp", "step", "nchw", (32 if quick else 128, 1, 28, 28), "float32", providers,
+             (("model", "mlp"), ("builder", "mlp"), ("kwargs", mlp_kwargs))),
+        Case("step_resnet20", "step", "nchw", (batch, 3, side, side), "float32", providers,
+             (("model", "resnet20"), ("builder", "resnet"), ("kwargs", resnet_kwargs))),
+    ]
+
+
+def suite(name: str, device: str) -> Plan:
+    """The cases of suite `name` ("quick" or "full") on `device`."""
+    fused = tuple(fused_backends(device))
+    penalty = fused + ("reference", "compile")
+    relu = fused + ("reference", "nn_relu")
+    steps = ("plain",) + fused + (() if name == "quick" else ("reference",))
+    cases: list[Case] = []
+    if name == "quick":
+        small = shape_for("nchw", 1 << 15, 16)
+        cases += [Case("penalty", phase, "nchw", small, "float32",
+                       penalty if phase == "forward_backward" else fused + ("reference",))
+                  for phase in harness.PHASES]
+        cases += [Case("penalty", "forward_backward", "nd", shape_for("nd", numel, 64),
+                       "float32", fused + ("reference",)) for numel in (1 << 12, 1 << 18)]
+        cases.append(Case("shade_relu", "forward_backward", "nld", shape_for("nld", 1 << 15, 32),
+                          "float32", relu))
+        return Plan(cases + step_cases(device, True, steps), rounds=5, seconds_per_case=0.5,
+                    step_rounds=3, copy_numel=1 << 20)
+    big = 1 << (20 if device == "cpu" else 25)
+    # 2^11 .. 2^24 elements on the CPU (4.2 decades), every factor 4 below 1M and 2 above but 2^23
+    exponents = (11, 13, 15, 17, 19, 20, 21, 22, 24) if device == "cpu" else range(14, 30, 2)
+    # first what matters most, should the budget run out: the sweep over elements, the base
+    # shape, the training steps; then the other layouts, bfloat16 and the sweep over units
+    for exponent in exponents:
+        shape = shape_for("nchw", 1 << exponent, 64)
+        cases.append(Case("penalty", "forward_backward", "nchw", shape, "float32", penalty))
+    for dtype in ("float32", "bfloat16"):
+        for layout in harness.LAYOUTS:
+            shape = shape_for(layout, big, 64)
+            cases += [Case("penalty", phase, layout, shape, dtype, penalty)
+                      for phase in harness.PHASES]
+            cases.append(Case("shade_relu", "forward_backward", layout, shape, dtype, relu))
+        if dtype == "float32":
+            cases += step_cases(device, False, steps)
+    for units in (16, 64, 256, 1024):
+        cases.append(Case("penalty", "forward_backward", "nchw", shape_for("nchw", big, units),
+                          "float32", penalty))
+    unique = list(dict.fromkeys(cases))  # the sweeps cross the layout cases at one shape
+    return Plan(unique, rounds=30, seconds_per_case=8.0, step_rounds=12, copy_numel=1 << 24)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the suite, writes the JSON (after every case) and returns it."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=["quick", "full"], default="quick")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--out", required=True, help="the results JSON")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole run; cases past it are left out "
+                             "(default: 40 quick, 540 full)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's choice; on a loaded machine "
+                             "two threads' barriers make times snap to scheduler ticks)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    budget = args.budget or (40.0 if args.suite == "quick" else 540.0)
+    plan = suite(args.suite, args.device)
+    folder = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(folder, exist_ok=True)
+
+    def save(doc: dict) -> None:
+        with open(args.out + ".part", "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(args.out + ".part", args.out)
+
+    command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    doc = harness.run_plan(plan, args.device, command, budget, on_progress=save)
+    save(doc)
+    print(f"{len(doc['rows'])} rows in {doc['seconds']} s, copy {doc['copy_gbps']:.1f} GB/s; "
+          f"{len(doc['skipped'])} cases left out by the budget -> {args.out}")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
