@@ -10,6 +10,7 @@ before it: CUDA max_memory_allocated; CPU the running sum of the profiler's memo
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import math
@@ -37,6 +38,7 @@ from shade_ops import ShadeState, reference  # noqa: E402
 SCHEMA = 1
 PHASES = ("forward", "backward", "forward_backward")
 LAYOUTS = ("nchw", "channels_last", "nd", "nld")
+RECOMPUTE = "+recompute_relu"  # a step provider suffix: the forward inside recompute_relu()
 BETA = 1e-3  # loss = cross_entropy + BETA * shade_ops.collect(model) in the step rows
 # bytes moved per element, in units of the element size: penalty forward reads y, backward reads
 # y and writes grad_y; ShadeReLU also writes its output and reads the output's gradient
@@ -152,12 +154,15 @@ def op_call(case: Case, provider: str, device: str) -> Callable[[], object]:
 def step_call(case: Case, provider: str, device: str) -> tuple[Callable, Callable]:
     """(one training step, its forward alone returning the loss) of a step case: SGD with
     momentum 0.9 on a fixed batch; with SHADE (provider = convert's backend) on every layer, the
-    loss adds BETA * collect(model); provider "plain" is the model as built."""
+    loss adds BETA * collect(model); provider "plain" is the model as built; a provider ending
+    in RECOMPUTE runs the forward inside shade_ops.recompute_relu()."""
     extra = dict(case.extra)
     torch.manual_seed(0)  # the same weights for every provider
     model = build_model(extra["builder"], case.shape[1:], 10, **dict(extra.get("kwargs", ())))
+    backend = provider.removesuffix(RECOMPUTE)
+    context = shade_ops.recompute_relu if provider.endswith(RECOMPUTE) else contextlib.nullcontext
     if provider != "plain":
-        shade_ops.convert(model, backend=provider)
+        shade_ops.convert(model, backend=backend)
     fmt = torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
     model = model.to(device=device, memory_format=fmt).train()
     gen = torch.Generator().manual_seed(1)
@@ -166,8 +171,9 @@ def step_call(case: Case, provider: str, device: str) -> tuple[Callable, Callabl
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def forward() -> torch.Tensor:
-        loss = nn.functional.cross_entropy(model(x), target)
-        return loss + BETA * shade_ops.collect(model) if provider != "plain" else loss
+        with context():
+            loss = nn.functional.cross_entropy(model(x), target)
+            return loss + BETA * shade_ops.collect(model) if provider != "plain" else loss
 
     def step() -> None:
         loss = forward()

@@ -5,9 +5,9 @@
 
 Suites (CPU): "full" times the penalty (forward, backward, forward+backward, training mode) and
 ShadeReLU (forward+backward) in four layouts and two dtypes against the eager reference,
-torch.compile of it and nn.ReLU; a sweep over elements (2^11 .. 2^24) and over units (16 ..
+torch.compile of it and nn.ReLU; a sweep over elements (2^11 .. 2^25) and over units (16 ..
 1024); the training step of an MLP and a CIFAR ResNet-20 with SHADE on every layer against the
-plain step. "quick" is a handful of small cases of the same kinds, in well under a minute.
+plain step (and with the forward inside shade_ops.recompute_relu). "quick" is a handful of small cases of the same kinds, in well under a minute.
 """
 from __future__ import annotations
 
@@ -23,15 +23,17 @@ from harness import Case, Plan, fused_backends, shape_for  # noqa: E402
 
 
 def step_cases(device: str, quick: bool, providers: tuple[str, ...]) -> list[Case]:
-    """The training steps: an MLP and a CIFAR ResNet-20 (quick: small inputs, narrow layers)."""
+    """The training steps: an MLP and a CIFAR ResNet-20 (quick: a ResNet-8, small inputs,
+    narrow layers)."""
     mlp_kwargs = (("width", 64),) if quick else (("width", 512),)
-    resnet_kwargs = (("blocks", 3), ("width", 8 if quick else 16))
+    resnet_kwargs = (("blocks", 1 if quick else 3), ("width", 8 if quick else 16))
+    resnet = "resnet8" if quick else "resnet20"
     batch, side = (8, 16) if quick else (64, 32)
     return [
         Case("step_mlp", "step", "nchw", (32 if quick else 128, 1, 28, 28), "float32", providers,
              (("model", "mlp"), ("builder", "mlp"), ("kwargs", mlp_kwargs))),
-        Case("step_resnet20", "step", "nchw", (batch, 3, side, side), "float32", providers,
-             (("model", "resnet20"), ("builder", "resnet"), ("kwargs", resnet_kwargs))),
+        Case(f"step_{resnet}", "step", "nchw", (batch, 3, side, side), "float32", providers,
+             (("model", resnet), ("builder", "resnet"), ("kwargs", resnet_kwargs))),
     ]
 
 
@@ -40,7 +42,8 @@ def suite(name: str, device: str) -> Plan:
     fused = tuple(fused_backends(device))
     penalty = fused + ("reference", "compile")
     relu = fused + ("reference", "nn_relu")
-    steps = ("plain",) + fused + (() if name == "quick" else ("reference",))
+    steps = ("plain",) + fused + tuple(b + harness.RECOMPUTE for b in fused) + \
+        (() if name == "quick" else ("reference",))
     cases: list[Case] = []
     if name == "quick":
         small = shape_for("nchw", 1 << 15, 16)
@@ -54,8 +57,9 @@ def suite(name: str, device: str) -> Plan:
         return Plan(cases + step_cases(device, True, steps), rounds=5, seconds_per_case=0.5,
                     step_rounds=3, copy_numel=1 << 20)
     big = 1 << (20 if device == "cpu" else 25)
-    # 2^11 .. 2^24 elements on the CPU (4.2 decades), every factor 4 below 1M and 2 above but 2^23
-    exponents = (11, 13, 15, 17, 19, 20, 21, 22, 24) if device == "cpu" else range(14, 30, 2)
+    # 2^11 .. 2^25 elements on the CPU (4.2 decades), every factor 4 below 1M and 2 above
+    exponents = (11, 13, 15, 17, 19, 20, 21, 22, 23, 24, 25) if device == "cpu" \
+        else range(14, 30, 2)
     # first what matters most, should the budget run out: the sweep over elements, the base
     # shape, the training steps; then the other layouts, bfloat16 and the sweep over units
     for exponent in exponents:

@@ -28,9 +28,10 @@ ROW = {"suite", "op", "phase", "provider", "layout", "shape", "units", "numel", 
 STEP = {"model", "batch", "memory_format", "held_bytes"}
 CHOICES = {
     "suite": {"op", "step"},
-    "op": {"penalty", "shade_relu", "copy", "step_mlp", "step_resnet20"},
+    "op": {"penalty", "shade_relu", "copy", "step_mlp", "step_resnet8", "step_resnet20"},
     "phase": {"forward", "backward", "forward_backward", "step"},
-    "provider": {"cpu", "triton", "reference", "compile", "nn_relu", "plain", "copy"},
+    "provider": {"cpu", "triton", "reference", "compile", "nn_relu", "plain", "copy",
+                 "cpu" + harness.RECOMPUTE, "triton" + harness.RECOMPUTE},
     "layout": {"nchw", "channels_last", "nd", "nld"},
     "dtype": {"float32", "bfloat16"},
     "timer": {"cpu-perf_counter", "cuda-do_bench", "cuda-graph"},
@@ -80,11 +81,20 @@ def test_quick_suite_has_fused_reference_and_step_rows(quick):
     if "cpu" in shade_ops.available_backends("cpu"):
         assert {("penalty", "cpu"), ("shade_relu", "cpu"), ("step_mlp", "cpu")} <= providers
     assert {("penalty", "reference"), ("shade_relu", "nn_relu"), ("step_mlp", "plain"),
-            ("step_resnet20", "plain")} <= providers
+            ("step_resnet8", "plain")} <= providers
     phases = {r["phase"] for r in quick["rows"] if r["op"] == "penalty"}
     assert phases == set(harness.PHASES)
     plain = [r for r in quick["rows"] if r["provider"] == "plain"]
     assert all(r["held_bytes"] == 0 for r in plain)  # the baseline of held memory is itself
+
+
+def test_recompute_relu_gives_back_the_memory_shade_holds(quick):
+    if "cpu" not in shade_ops.available_backends("cpu"):
+        pytest.skip("needs the native CPU backend")
+    held = {r["provider"]: r["held_bytes"] for r in quick["rows"] if r["op"] == "step_resnet8"}
+    # SHADE keeps every ReLU's input: 4 ReLU call sites of (8, 8, 16, 16) float32 and more
+    assert held["cpu"] >= 4 * 8 * 8 * 16 * 16 * 4
+    assert held["cpu" + harness.RECOMPUTE] < held["cpu"] / 4
 
 
 def test_cpu_memory_trace_on_a_known_allocation():
