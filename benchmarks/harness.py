@@ -406,7 +406,7 @@ def machine_info(device: str) -> dict:
                             if line.startswith("model name"))
         except (OSError, StopIteration):
             pass
-    capability = getattr(getattr(shade_ops._ops, "_C", None), "CPU_CAPABILITY", None) or \
+    capability = getattr(getattr(shade_ops, "_C", None), "CPU_CAPABILITY", None) or \
         torch.backends.cpu.get_cpu_capability()
     return dict(device=device, name=f"{name} ({os.cpu_count()} cores, {capability})"
                 if device == "cpu" else name, cpu_capability=str(capability).lower(),
