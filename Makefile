@@ -93,6 +93,8 @@ SHADE_OPS := $(PY) -m shade_ops
 figures: build
 	$(MAKE) bench
 	$(MAKE) triton-compat
+	$(PY) benchmarks/triton_host_overhead.py --rounds 30 --calls 200 \
+		--out benchmarks/results/triton_host_overhead_$(FIGURES_TAG).json
 	$(SHADE_OPS) reproduce --threads 1 --tag $(FIGURES_TAG)-mnist
 	$(SHADE_OPS) reproduce --threads 1 --sizes 50 --regularizers shade --betas 1e-2,3e-2 \
 		--tag $(FIGURES_TAG)-mnist-edge50

@@ -76,7 +76,8 @@ def load_old(commit: str = OLD_COMMIT) -> types.ModuleType:
     source = subprocess.run(["git", "show", f"{commit}:shade_ops/_triton.py"], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout
     source = source[:source.index("# ---- registration")]
-    source = source.replace("from . import _ops", "from shade_ops import _ops")
+    # the names it took from _ops (accumulation_dtype, PenaltyOps, ...) are in _registry now
+    source = source.replace("from . import _ops", "from shade_ops import _registry as _ops")
     path = os.path.join(tempfile.mkdtemp(), f"shade_ops_triton_{commit}.py")
     with open(path, "w") as f:  # triton.jit reads the source of its functions from a file
         f.write(source)

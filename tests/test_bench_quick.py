@@ -129,3 +129,19 @@ def test_a_case_interleaves_its_providers():
     rounds = [order[6 + 3 * i: 9 + 3 * i] for i in range(4)]  # after 2 warm calls each
     assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
     assert len({tuple(r) for r in rounds}) > 1  # shuffled, not one fixed order
+
+
+def test_triton_host_overhead_runs(tmp_path):
+    """benchmarks/triton_host_overhead.py (the launchers' host cost, old against new) on a few
+    calls: it loads the old launchers from git, so it breaks when the modules they import move."""
+    pytest.importorskip("triton")
+    if subprocess.run(["git", "cat-file", "-e", "fdb8588^{commit}"], cwd=ROOT,
+                      capture_output=True).returncode != 0:
+        pytest.skip("the git history of commit fdb8588 is not in this clone")
+    out = tmp_path / "host.json"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks",
+                                                        "triton_host_overhead.py"),
+                           "--rounds", "2", "--calls", "3", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "shade_relu forward+backward" in done.stdout and out.exists()
