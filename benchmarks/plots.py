@@ -48,11 +48,13 @@ KNEE_DROP = 0.2                         # knee: time per element stops falling b
 MAIN_COMBO = ("nchw", "float32")
 DPI = 110
 COLORS = {"cpu": "C0", "triton": "C3", "reference": "C1", "compile": "C2", "nn_relu": "C4",
-          "plain": "0.5"}
+          "plain": "0.5", "cpu+recompute_relu": "C9", "triton+recompute_relu": "C6"}
 MARKERS = {"cpu": "o", "triton": "D", "reference": "s", "compile": "^", "nn_relu": "v",
            "plain": "x"}
 PROVIDER_NAMES = {"cpu": "fused (cpu)", "triton": "fused (triton)", "reference": "eager",
-                  "compile": "torch.compile", "nn_relu": "nn.ReLU", "plain": "plain"}
+                  "compile": "torch.compile", "nn_relu": "nn.ReLU", "plain": "plain",
+                  "cpu+recompute_relu": "fused (cpu), recompute_relu",
+                  "triton+recompute_relu": "fused (triton), recompute_relu"}
 
 Result = dict[str, Any]
 Row = dict[str, Any]
