@@ -28,6 +28,7 @@ run killed at the time limit leaves what it measured. --dry-run writes only wher
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -78,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="leave out torch.compile of the reference")
     parser.add_argument("--no-model", action="store_true",
                         help="leave out ShadeReLU against nn.ReLU and the ResNet-20 step")
+    parser.add_argument("--no-suite", action="store_true",
+                        help="leave out the CPU suite's sweep over elements, layouts, dtypes and "
+                             "units (run after the check's own shapes)")
     parser.add_argument("--quick", action="store_true",
                         help="under 3 minutes: fewer shapes, the other CUDA tests left out")
     parser.add_argument("--budget", type=float, default=None,
@@ -273,10 +277,23 @@ def _harness():
     return harness
 
 
+def suite_cases(args: argparse.Namespace) -> list:
+    """The op cases of benchmarks/run.py's full suite on the device (the sweep over elements,
+    the layouts and dtypes, the sweep over units), so that CPU and GPU results sit side by side;
+    none with --dry-run, --quick or --no-suite."""
+    if args.dry_run or args.quick or args.no_suite:
+        return []
+    _harness()
+    import run
+
+    return [case for case in run.suite("full", args.device).cases if case.phase != "step"]
+
+
 def cases(args: argparse.Namespace, agreed: dict) -> tuple[list, list]:
-    """(penalty cases, model-level cases) of the harness for the check: the penalty at every shape
-    and dtype (Triton left out where it disagreed with the reference), ShadeReLU against nn.ReLU,
-    and the ResNet's step with and without SHADE in each memory format."""
+    """(penalty cases, the rest) of the harness for the check: the penalty at every shape and
+    dtype (Triton left out where it disagreed with the reference); then ShadeReLU against
+    nn.ReLU, the ResNet's step with and without SHADE in each memory format, and last the CPU
+    suite's op cases (suite_cases)."""
     Case = _harness().Case
     penalty = []
     for shape in args.shapes:
@@ -285,8 +302,14 @@ def cases(args: argparse.Namespace, agreed: dict) -> tuple[list, list]:
                 ("reference",) + (() if args.skip_compile else ("compile",))
             penalty += [Case("penalty", phase, "nchw" if len(shape) == 4 else "nd", tuple(shape),
                              dtype, providers) for phase in _harness().PHASES]
+    sweep = []
+    for case in suite_cases(args):  # measured last: the budget cuts the tail
+        if case not in penalty:
+            keep = agreed.get((tuple(case.shape), case.dtype))
+            sweep.append(dataclasses.replace(case, providers=tuple(
+                p for p in case.providers if keep or p != "triton")))
     if args.no_model:
-        return penalty, []
+        return penalty, sweep
     relu = DRY_RUN_RELU_SHAPE if args.dry_run else RELU_SHAPE
     model = [Case("shade_relu", phase, "nchw", relu, dtype, ("triton", "nn_relu"))
              for dtype in args.dtypes for phase in ("forward", "forward_backward")]
@@ -297,7 +320,7 @@ def cases(args: argparse.Namespace, agreed: dict) -> tuple[list, list]:
                    "step", "channels_last" if fmt == "channels_last" else "nchw",
                    (config["batch"], *config["image"]), "float32", ("plain", "triton"), extra)
               for fmt in MEMORY_FORMATS]
-    return penalty, model
+    return penalty, model + sweep
 
 
 def markdown(report: dict) -> str:
@@ -432,15 +455,16 @@ def _check(args: argparse.Namespace, budget: Budget, report: dict, save) -> None
         report["device_name"] = torch.cuda.get_device_name()
     harness = _harness()
     agreed = {}
-    for shape in args.shapes:
-        for dtype in args.dtypes:
-            try:
-                ok, text = agreement(shape, dtype, args.device)
-            except Exception as error:  # noqa: BLE001  (report, keep going)
-                ok, text = False, f"WRONG: the check failed: {error!r:.200}"
-            agreed[(tuple(shape), dtype)] = ok
-            report["agreement"].append(dict(shape=list(shape), dtype=dtype, ok=ok, text=text))
-            print(f"{'x'.join(map(str, shape))} {dtype}: {text}", flush=True)
+    checked = [(tuple(shape), dtype) for shape in args.shapes for dtype in args.dtypes]
+    checked += [(case.shape, case.dtype) for case in suite_cases(args)]
+    for shape, dtype in dict.fromkeys(checked):
+        try:
+            ok, text = agreement(shape, dtype, args.device)
+        except Exception as error:  # noqa: BLE001  (report, keep going)
+            ok, text = False, f"WRONG: the check failed: {error!r:.200}"
+        agreed[(tuple(shape), dtype)] = ok
+        report["agreement"].append(dict(shape=list(shape), dtype=dtype, ok=ok, text=text))
+        print(f"{'x'.join(map(str, shape))} {dtype}: {text}", flush=True)
     save()
     penalty, model = cases(args, agreed)
     torch.backends.cudnn.benchmark = True  # as a training script has it

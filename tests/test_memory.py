@@ -156,3 +156,61 @@ def test_no_grad_and_compile_inside_it():
     torch.testing.assert_close(low[0], plain[0])
     for a, b in zip(plain[1], low[1]):
         torch.testing.assert_close(a, b)
+
+
+class InPlaceAfterReLU(nn.Module):  # the ReLU output changed before the next layer saves it
+    def __init__(self, how):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.act, self.fc2, self.how = nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3), how
+        self.drop = nn.Dropout(0.5, inplace=True)
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        if self.how == "add":
+            h += 1
+        elif self.how == "dropout":
+            torch.manual_seed(1)
+            h = self.drop(h)
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("how", ["add", "dropout"])
+def test_an_output_changed_in_place_before_it_is_saved_is_saved_as_it_is(how):
+    model = shade_ops.convert(InPlaceAfterReLU(how))
+    twin = copy.deepcopy(model)
+    x = torch.randn(5, 6)
+    plain, low = _step(model, x, False), _step(twin, x, True)
+    for a, b in zip(plain[1] + plain[2], low[1] + low[2]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("next_layer", [True, False], ids=["linear-after", "sum-after"])
+def test_autograd_s_own_in_place_check_still_holds_inside_it(next_layer):
+    # the ReLU's input needs grad and changes after the ReLU: plain autograd refuses, and so
+    # must the context (a saved_tensors_hooks context turns autograd's own check off)
+    for low in (False, True):
+        relu, linear = ShadeReLU(), (nn.Linear(6, 3) if next_layer else nn.Identity())
+        y = torch.randn(4, 6, requires_grad=True).clone()
+        context = shade_ops.recompute_relu() if low else torch.enable_grad()
+        with context:
+            loss = linear(relu(y)).sum() + shade_ops.collect(relu)
+        y.mul_(2)
+        with pytest.raises(RuntimeError, match="modified"):
+            loss.backward()
+
+
+def test_a_training_loop_inside_it_leaks_nothing():
+    model = resnet()
+    inputs = []
+    hook = model.stem[2].register_forward_hook(lambda m, i, o: inputs.append(weakref.ref(i[0])))
+    with shade_ops.recompute_relu():
+        for step in range(4):
+            model.zero_grad()
+            loss = model(torch.randn(2, 3, 8, 8)).sum() + 0.1 * shade_ops.collect(model)
+            loss.backward()
+            del loss
+        gc.collect()
+        alive = [ref() is not None for ref in inputs]  # inside the context, after the steps
+    hook.remove()
+    assert len(inputs) == 4 and not any(alive)

@@ -4,7 +4,7 @@ and SHADE+dropout on the four architectures, trained on one training set.
     report = architectures(ArchitecturesConfig())
     write_architectures_report(report, "benchmarks/results", "2026-11-29-mnist")
 
-Each architecture is one :func:`~shade_ops.experiments.sweep` at one size (the whole training
+Each architecture is one :func:`~shade_ops.experiments.training.sweep` at one size (the whole training
 split by default), so seeds pair the regularizers exactly as in Fig. 2a and any hyper-parameter
 grid of more than one value is chosen on the validation split.
 """

@@ -3,7 +3,7 @@
     paths = mechanism(out_dir="benchmarks/results", tag="2026-11-29-mnist")
 
 Trains the baseline and SHADE on the same training subset from the same initial weights (one
-seed), recording :func:`shade_ops.information.layer_information` on the training images at every
+seed), recording :func:`shade_ops.experiments.information.layer_information` on the training images at every
 epoch, then draws each layer's H(Y | C) over training and the information plane
 (I(Y; C) against H(Y)) side by side, and the test images that the baseline gets wrong and SHADE
 gets right, with both predictions.
