@@ -470,15 +470,28 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
   acc_t w = grad_penalty.item<acc_t>();  // a CPU scalar: no device synchronisation
   if (mean && A * B > 0) w /= static_cast<acc_t>(A * B);
 
-  // (mu0, mu1, w (mu0 - mu1)) per unit, rows of a (3, C) buffer.
+  // Rows of length L: with B == 1, a block of `per_row` rows of C units (several short rows
+  // taken as one, so that a narrow layer, C = 16, does not pay the per-row overhead every 16
+  // elements); else the run of one unit.
+  const int64_t per_row =
+      B == 1 ? std::max<int64_t>(1, std::min(A, kTile / std::max<int64_t>(1, C))) : 1;
+  const int64_t L = B == 1 ? per_row * C : B;
+  const int64_t numel = A * C * B;
+  const int64_t rows = B == 1 ? ceil_div(A, per_row) : A * C;
+
+  // (mu0, mu1, w (mu0 - mu1)) per element of a row when B == 1 (the C units repeated per_row
+  // times), else per unit: rows of a (3, P) buffer.
   const acc_t* mup = mu.const_data_ptr<acc_t>();
-  std::vector<acc_t> coef(3 * C);
+  const int64_t P = B == 1 ? L : C;
+  std::vector<acc_t> coef(3 * P);
   bool huge_mu = false;
   for (int64_t c = 0; c < C; ++c) {
     const acc_t mu0 = mup[c], mu1 = mup[C + c];
-    coef[c] = mu0;
-    coef[C + c] = mu1;
-    coef[2 * C + c] = w * (mu0 - mu1);
+    for (int64_t j = c; j < P; j += C) {
+      coef[j] = mu0;
+      coef[P + j] = mu1;
+      coef[2 * P + j] = w * (mu0 - mu1);
+    }
     huge_mu |= !(std::abs(mu0) <= kSquareSafe<acc_t> && std::abs(mu1) <= kSquareSafe<acc_t>);
   }
 
@@ -492,14 +505,11 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
 
-  // Rows of length L: a row of units when B == 1, else the run of one unit.
-  const int64_t L = B == 1 ? C : B;
-  const int64_t rows = B == 1 ? A : A * C;
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, L));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t offset = r * L;
-      for_each_tile<scalar_t, acc_t>(yp + offset, L, [&](const acc_t* v, int64_t i, int64_t n) {
+      const int64_t offset = r * L, length = std::min(L, numel - offset);
+      for_each_tile<scalar_t, acc_t>(yp + offset, length, [&](const acc_t* v, int64_t i, int64_t n) {
         OutTile<scalar_t, acc_t> g{gp + offset + i, n, {}};
         const acc_t* go = nullptr;
         acc_t go_buf[std::is_same_v<scalar_t, acc_t> ? 1 : kTile];
@@ -512,7 +522,7 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
           }
         }
         const int64_t c = B == 1 ? i : r % C;  // the (first) unit
-        const acc_t *mu0 = coef.data() + c, *mu1 = mu0 + C, *w_gap = mu0 + 2 * C;
+        const acc_t *mu0 = coef.data() + c, *mu1 = mu0 + P, *w_gap = mu0 + 2 * P;
         if (B == 1 && go != nullptr) {
           gradient_run<acc_t, true, true>(v, go, g.data(), n, w, mu0, mu1, w_gap, huge_mu);
         } else if (B == 1) {
