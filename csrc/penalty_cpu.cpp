@@ -256,7 +256,6 @@ void forward_rows(const acc_t* y, int64_t rows, int64_t C, const acc_t* mu, acc_
   using Vec = Vectorized<acc_t>;
   const acc_t *mu0 = mu, *mu1 = mu + C;
   acc_t *ps = partial, *psy = partial + C, *pqy = partial + 2 * C, *ppen = partial + 3 * C;
-  std::fill(partial, partial + kSums * C, acc_t(0));
   for (int64_t r = 0; r < rows; ++r, y += C) {
     int64_t c = 0;
     for (; c + Vec::size() <= C; c += Vec::size()) {
@@ -355,18 +354,26 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> ybuf, obuf;
       for (int64_t k = begin; k < end; ++k) {
-        const int64_t a0 = k * R, n_rows = std::min(R, A - a0), n = n_rows * C;
+        const int64_t a0 = k * R, n_rows = std::min(R, A - a0);
         const scalar_t* src = yp + a0 * C;
         scalar_t* dst = op != nullptr ? op + a0 * C : nullptr;
+        acc_t* chunk_partial = pp + k * kSums * C;
+        std::fill(chunk_partial, chunk_partial + kSums * C, acc_t(0));
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          forward_rows<acc_t>(src, n_rows, C, mup, dst, pp + k * kSums * C);
+          forward_rows<acc_t>(src, n_rows, C, mup, dst, chunk_partial);
         } else {
-          ybuf.resize(n);
-          at::vec::convert(src, ybuf.data(), n);
-          if (dst != nullptr) obuf.resize(n);
-          forward_rows<acc_t>(ybuf.data(), n_rows, C, mup,
-                              dst != nullptr ? obuf.data() : nullptr, pp + k * kSums * C);
-          if (dst != nullptr) at::vec::convert(obuf.data(), dst, n);
+          // converted a few rows (about kTile elements) at a time, so that the float copies stay
+          // in L1: a chunk is up to 1/kMaxChunks of y, megabytes on a large batch
+          const int64_t tile_rows = std::max<int64_t>(1, std::min(n_rows, kTile / C));
+          ybuf.resize(tile_rows * C);
+          if (dst != nullptr) obuf.resize(tile_rows * C);
+          for (int64_t t = 0; t < n_rows; t += tile_rows) {
+            const int64_t m_rows = std::min(tile_rows, n_rows - t), m = m_rows * C;
+            at::vec::convert(src + t * C, ybuf.data(), m);
+            forward_rows<acc_t>(ybuf.data(), m_rows, C, mup,
+                                dst != nullptr ? obuf.data() : nullptr, chunk_partial);
+            if (dst != nullptr) at::vec::convert(obuf.data(), dst + t * C, m);
+          }
         }
       }
     });
