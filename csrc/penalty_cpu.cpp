@@ -190,12 +190,16 @@ inline void for_each_tile(const scalar_t* src, int64_t n, F&& f) {
   }
 }
 
-// A writable acc_t view of dst[0:n] that is written back when it goes out of scope.
+// A writable acc_t view of dst[0:n] that is written back when it goes out of scope. A constructor,
+// not an aggregate: brace-initialising buf would zero its kTile floats, 4 KiB, for every tile.
 template <typename scalar_t, typename acc_t>
 struct OutTile {
   scalar_t* dst;
   int64_t n;
-  acc_t buf[std::is_same_v<scalar_t, acc_t> ? 1 : kTile];
+  acc_t buf[std::is_same_v<scalar_t, acc_t> ? 1 : kTile];  // left uninitialised
+  OutTile(scalar_t* dst_, int64_t n_) : dst(dst_), n(n_) {}
+  OutTile(const OutTile&) = delete;
+  OutTile& operator=(const OutTile&) = delete;
   acc_t* data() {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       return dst;
@@ -389,7 +393,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
           RunSums<acc_t>& sums = units[(r - r0) % C];
           const ForwardCoef<acc_t> unit{mup[c], mup[C + c]};
           for_each_tile<scalar_t, acc_t>(yp + offset, B, [&](const acc_t* v, int64_t i, int64_t n) {
-            OutTile<scalar_t, acc_t> out{op != nullptr ? op + offset + i : nullptr, n, {}};
+            OutTile<scalar_t, acc_t> out(op != nullptr ? op + offset + i : nullptr, n);
             sums.add(v, n, unit, op != nullptr ? out.data() : nullptr);
           });
         }
@@ -517,7 +521,7 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
     for (int64_t r = begin; r < end; ++r) {
       const int64_t offset = r * L, length = std::min(L, numel - offset);
       for_each_tile<scalar_t, acc_t>(yp + offset, length, [&](const acc_t* v, int64_t i, int64_t n) {
-        OutTile<scalar_t, acc_t> g{gp + offset + i, n, {}};
+        OutTile<scalar_t, acc_t> g(gp + offset + i, n);
         const acc_t* go = nullptr;
         acc_t go_buf[std::is_same_v<scalar_t, acc_t> ? 1 : kTile];
         if (gop != nullptr) {
