@@ -190,12 +190,16 @@ inline void for_each_tile(const scalar_t* src, int64_t n, F&& f) {
   }
 }
 
-// A writable acc_t view of dst[0:n] that is written back when it goes out of scope.
+// A writable acc_t view of dst[0:n] that is written back when it goes out of scope. A constructor,
+// not an aggregate: brace-initialising buf would zero its kTile floats, 4 KiB, for every tile.
 template <typename scalar_t, typename acc_t>
 struct OutTile {
   scalar_t* dst;
   int64_t n;
-  acc_t buf[std::is_same_v<scalar_t, acc_t> ? 1 : kTile];
+  acc_t buf[std::is_same_v<scalar_t, acc_t> ? 1 : kTile];  // left uninitialised
+  OutTile(scalar_t* dst_, int64_t n_) : dst(dst_), n(n_) {}
+  OutTile(const OutTile&) = delete;
+  OutTile& operator=(const OutTile&) = delete;
   acc_t* data() {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       return dst;
@@ -256,7 +260,6 @@ void forward_rows(const acc_t* y, int64_t rows, int64_t C, const acc_t* mu, acc_
   using Vec = Vectorized<acc_t>;
   const acc_t *mu0 = mu, *mu1 = mu + C;
   acc_t *ps = partial, *psy = partial + C, *pqy = partial + 2 * C, *ppen = partial + 3 * C;
-  std::fill(partial, partial + kSums * C, acc_t(0));
   for (int64_t r = 0; r < rows; ++r, y += C) {
     int64_t c = 0;
     for (; c + Vec::size() <= C; c += Vec::size()) {
@@ -355,18 +358,26 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> ybuf, obuf;
       for (int64_t k = begin; k < end; ++k) {
-        const int64_t a0 = k * R, n_rows = std::min(R, A - a0), n = n_rows * C;
+        const int64_t a0 = k * R, n_rows = std::min(R, A - a0);
         const scalar_t* src = yp + a0 * C;
         scalar_t* dst = op != nullptr ? op + a0 * C : nullptr;
+        acc_t* chunk_partial = pp + k * kSums * C;
+        std::fill(chunk_partial, chunk_partial + kSums * C, acc_t(0));
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          forward_rows<acc_t>(src, n_rows, C, mup, dst, pp + k * kSums * C);
+          forward_rows<acc_t>(src, n_rows, C, mup, dst, chunk_partial);
         } else {
-          ybuf.resize(n);
-          at::vec::convert(src, ybuf.data(), n);
-          if (dst != nullptr) obuf.resize(n);
-          forward_rows<acc_t>(ybuf.data(), n_rows, C, mup,
-                              dst != nullptr ? obuf.data() : nullptr, pp + k * kSums * C);
-          if (dst != nullptr) at::vec::convert(obuf.data(), dst, n);
+          // converted a few rows (about kTile elements) at a time, so that the float copies stay
+          // in L1: a chunk is up to 1/kMaxChunks of y, megabytes on a large batch
+          const int64_t tile_rows = std::max<int64_t>(1, std::min(n_rows, kTile / C));
+          ybuf.resize(tile_rows * C);
+          if (dst != nullptr) obuf.resize(tile_rows * C);
+          for (int64_t t = 0; t < n_rows; t += tile_rows) {
+            const int64_t m_rows = std::min(tile_rows, n_rows - t), m = m_rows * C;
+            at::vec::convert(src + t * C, ybuf.data(), m);
+            forward_rows<acc_t>(ybuf.data(), m_rows, C, mup,
+                                dst != nullptr ? obuf.data() : nullptr, chunk_partial);
+            if (dst != nullptr) at::vec::convert(obuf.data(), dst + t * C, m);
+          }
         }
       }
     });
@@ -382,7 +393,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
           RunSums<acc_t>& sums = units[(r - r0) % C];
           const ForwardCoef<acc_t> unit{mup[c], mup[C + c]};
           for_each_tile<scalar_t, acc_t>(yp + offset, B, [&](const acc_t* v, int64_t i, int64_t n) {
-            OutTile<scalar_t, acc_t> out{op != nullptr ? op + offset + i : nullptr, n, {}};
+            OutTile<scalar_t, acc_t> out(op != nullptr ? op + offset + i : nullptr, n);
             sums.add(v, n, unit, op != nullptr ? out.data() : nullptr);
           });
         }
@@ -470,15 +481,28 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
   acc_t w = grad_penalty.item<acc_t>();  // a CPU scalar: no device synchronisation
   if (mean && A * B > 0) w /= static_cast<acc_t>(A * B);
 
-  // (mu0, mu1, w (mu0 - mu1)) per unit, rows of a (3, C) buffer.
+  // Rows of length L: with B == 1, a block of `per_row` rows of C units (several short rows
+  // taken as one, so that a narrow layer, C = 16, does not pay the per-row overhead every 16
+  // elements); else the run of one unit.
+  const int64_t per_row =
+      B == 1 ? std::max<int64_t>(1, std::min(A, kTile / std::max<int64_t>(1, C))) : 1;
+  const int64_t L = B == 1 ? per_row * C : B;
+  const int64_t numel = A * C * B;
+  const int64_t rows = B == 1 ? ceil_div(A, per_row) : A * C;
+
+  // (mu0, mu1, w (mu0 - mu1)) per element of a row when B == 1 (the C units repeated per_row
+  // times), else per unit: rows of a (3, P) buffer.
   const acc_t* mup = mu.const_data_ptr<acc_t>();
-  std::vector<acc_t> coef(3 * C);
+  const int64_t P = B == 1 ? L : C;
+  std::vector<acc_t> coef(3 * P);
   bool huge_mu = false;
   for (int64_t c = 0; c < C; ++c) {
     const acc_t mu0 = mup[c], mu1 = mup[C + c];
-    coef[c] = mu0;
-    coef[C + c] = mu1;
-    coef[2 * C + c] = w * (mu0 - mu1);
+    for (int64_t j = c; j < P; j += C) {
+      coef[j] = mu0;
+      coef[P + j] = mu1;
+      coef[2 * P + j] = w * (mu0 - mu1);
+    }
     huge_mu |= !(std::abs(mu0) <= kSquareSafe<acc_t> && std::abs(mu1) <= kSquareSafe<acc_t>);
   }
 
@@ -492,15 +516,12 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
 
-  // Rows of length L: a row of units when B == 1, else the run of one unit.
-  const int64_t L = B == 1 ? C : B;
-  const int64_t rows = B == 1 ? A : A * C;
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, L));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t offset = r * L;
-      for_each_tile<scalar_t, acc_t>(yp + offset, L, [&](const acc_t* v, int64_t i, int64_t n) {
-        OutTile<scalar_t, acc_t> g{gp + offset + i, n, {}};
+      const int64_t offset = r * L, length = std::min(L, numel - offset);
+      for_each_tile<scalar_t, acc_t>(yp + offset, length, [&](const acc_t* v, int64_t i, int64_t n) {
+        OutTile<scalar_t, acc_t> g(gp + offset + i, n);
         const acc_t* go = nullptr;
         acc_t go_buf[std::is_same_v<scalar_t, acc_t> ? 1 : kTile];
         if (gop != nullptr) {
@@ -512,7 +533,7 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
           }
         }
         const int64_t c = B == 1 ? i : r % C;  // the (first) unit
-        const acc_t *mu0 = coef.data() + c, *mu1 = mu0 + C, *w_gap = mu0 + 2 * C;
+        const acc_t *mu0 = coef.data() + c, *mu1 = mu0 + P, *w_gap = mu0 + 2 * P;
         if (B == 1 && go != nullptr) {
           gradient_run<acc_t, true, true>(v, go, g.data(), n, w, mu0, mu1, w_gap, huge_mu);
         } else if (B == 1) {
