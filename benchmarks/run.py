@@ -5,8 +5,8 @@
 
 Suites (CPU): "full" times the penalty (forward, backward, forward+backward, training mode) and
 ShadeReLU (forward+backward) in four layouts and two dtypes against the eager reference,
-torch.compile of it and nn.ReLU; a sweep over elements (2^11 .. 2^25) and over units (16 ..
-1024); the training step of an MLP and a CIFAR ResNet-20 with SHADE on every layer against the
+torch.compile of it and nn.ReLU; a sweep over elements (2^11 .. 2^25; every layout and dtype)
+and over units (16 .. 1024); the training step of an MLP and a CIFAR ResNet-20 with SHADE on every layer against the
 plain step (and with the forward inside shade_ops.recompute_relu). "quick" is a handful of small cases of the same kinds, in well under a minute.
 """
 from __future__ import annotations
@@ -65,6 +65,14 @@ def suite(name: str, device: str) -> Plan:
     for exponent in exponents:
         shape = shape_for("nchw", 1 << exponent, 64)
         cases.append(Case("penalty", "forward_backward", "nchw", shape, "float32", penalty))
+    # the same sweep, sparser, in every other layout and dtype; torch.compile (a compilation of
+    # seconds per shape) from 1M elements on, where its goal is
+    for dtype in ("float32", "bfloat16"):
+        for layout in harness.LAYOUTS:
+            cases += [Case("penalty", "forward_backward", layout,
+                           shape_for(layout, 1 << exponent, 64), dtype,
+                           penalty if 1 << exponent >= 1 << 20 else fused + ("reference",))
+                      for exponent in exponents[::2] if (layout, dtype) != ("nchw", "float32")]
     for dtype in ("float32", "bfloat16"):
         for layout in harness.LAYOUTS:
             shape = shape_for(layout, big, 64)
