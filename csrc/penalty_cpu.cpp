@@ -264,8 +264,8 @@ inline bool is_mean(c10::string_view reduction) {
 // Partial sums over `rows` units-innermost rows of a (rows, C) block, added into
 // partial (kSums, C), row after row: a stride-C walk down a column would touch a new page at every
 // step once C is large, while these partials stay in L1.
-template <typename scalar_t, typename acc_t>
-void forward_rows(const scalar_t* y, int64_t rows, int64_t C, const acc_t* mu, scalar_t* out,
+template <typename scalar_t, typename acc_t, typename out_t>
+void forward_rows(const scalar_t* y, int64_t rows, int64_t C, const acc_t* mu, out_t* out,
                   acc_t* partial) {
   using Vec = Vectorized<acc_t>;
   const acc_t *mu0 = mu, *mu1 = mu + C;
@@ -288,7 +288,7 @@ void forward_rows(const scalar_t* y, int64_t rows, int64_t C, const acc_t* mu, s
       Accumulators<acc_t> acc{ps[c], psy[c], pqy[c], ppen[c], 0};
       const acc_t relu = acc.add(static_cast<acc_t>(y[c]), ForwardCoef<acc_t>{mu0[c], mu1[c]});
       ps[c] = acc.s, psy[c] = acc.sy, pqy[c] = acc.qy, ppen[c] = acc.pen1 + acc.pen0;
-      if (out != nullptr) out[r * C + c] = static_cast<scalar_t>(relu);
+      if (out != nullptr) out[r * C + c] = static_cast<out_t>(relu);
     }
   }
 }
@@ -300,8 +300,8 @@ struct RunSums {
   Accumulators<Vec> lanes;
   Accumulators<acc_t> tail;
 
-  template <typename scalar_t>
-  void add(const scalar_t* y, int64_t n, const ForwardCoef<acc_t>& k, scalar_t* out) {
+  template <typename scalar_t, typename out_t>
+  void add(const scalar_t* y, int64_t n, const ForwardCoef<acc_t>& k, out_t* out) {
     if (out != nullptr) {
       add_impl<true>(y, n, k, out);
     } else {
@@ -311,8 +311,8 @@ struct RunSums {
 
   // Local copies in the loop: a store to `out` could alias a member, and the compiler would keep
   // the sums in memory.
-  template <bool kOut, typename scalar_t>
-  void add_impl(const scalar_t* y, int64_t n, const ForwardCoef<acc_t>& k, scalar_t* out) {
+  template <bool kOut, typename scalar_t, typename out_t>
+  void add_impl(const scalar_t* y, int64_t n, const ForwardCoef<acc_t>& k, out_t* out) {
     const ForwardCoef<Vec> kv{Vec(k.mu0), Vec(k.mu1)};
     Accumulators<Vec> acc = lanes;
     int64_t i = 0;
@@ -324,7 +324,7 @@ struct RunSums {
     lanes = acc;
     for (; i < n; ++i) {
       const acc_t relu = tail.add(static_cast<acc_t>(y[i]), k);
-      if constexpr (kOut) out[i] = static_cast<scalar_t>(relu);
+      if constexpr (kOut) out[i] = static_cast<out_t>(relu);
     }
   }
 
@@ -367,17 +367,33 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
 
   if (numel > 0 && B == 1) {
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> obuf;
       for (int64_t k = begin; k < end; ++k) {
         const int64_t a0 = k * R, n_rows = std::min(R, A - a0);
         acc_t* chunk_partial = pp + k * kSums * C;
         std::fill(chunk_partial, chunk_partial + kSums * C, acc_t(0));
-        forward_rows<scalar_t, acc_t>(yp + a0 * C, n_rows, C, mup,
-                                      op != nullptr ? op + a0 * C : nullptr, chunk_partial);
+        if (std::is_same_v<scalar_t, acc_t> || op == nullptr) {
+          forward_rows<scalar_t, acc_t, scalar_t>(yp + a0 * C, n_rows, C, mup,
+                                                  op != nullptr ? op + a0 * C : nullptr,
+                                                  chunk_partial);
+        } else {
+          // relu(y) of float16 / bfloat16 written as floats a few rows (about kTile elements) at
+          // a time, then rounded 16 at a time: rounded in the loop, 8 at a time, it was slower
+          const int64_t tile_rows = std::max<int64_t>(1, std::min(n_rows, kTile / C));
+          obuf.resize(tile_rows * C);
+          for (int64_t t = 0; t < n_rows; t += tile_rows) {
+            const int64_t m_rows = std::min(tile_rows, n_rows - t);
+            forward_rows<scalar_t, acc_t, acc_t>(yp + (a0 + t) * C, m_rows, C, mup, obuf.data(),
+                                                 chunk_partial);
+            at::vec::convert(obuf.data(), op + (a0 + t) * C, m_rows * C);
+          }
+        }
       }
     });
   } else if (numel > 0) {
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<RunSums<acc_t>> units;
+      acc_t obuf[std::is_same_v<scalar_t, acc_t> ? 1 : kTile];
       for (int64_t k = begin; k < end; ++k) {
         // the chunk's units: slot i holds unit (r0 + i) % C, whose rows are r0 + i + j C
         const int64_t r0 = k * R, r1 = std::min(rows, r0 + R), n_units = std::min(r1 - r0, C);
@@ -386,7 +402,16 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
           const int64_t c = r % C, offset = r * B;
           RunSums<acc_t>& sums = units[(r - r0) % C];
           const ForwardCoef<acc_t> unit{mup[c], mup[C + c]};
-          sums.add(yp + offset, B, unit, op != nullptr ? op + offset : nullptr);
+          if (std::is_same_v<scalar_t, acc_t> || op == nullptr) {
+            sums.add(yp + offset, B, unit, op != nullptr ? op + offset : nullptr);
+          } else {
+            // relu(y) through a float buffer, as in the units-innermost loop above
+            for (int64_t i = 0; i < B; i += kTile) {
+              const int64_t n = std::min(kTile, B - i);
+              sums.add(yp + offset + i, n, unit, obuf);
+              at::vec::convert(obuf, op + offset + i, n);
+            }
+          }
         }
         acc_t* chunk_partial = pp + k * kSums * C;
         if (n_units < C) std::fill(chunk_partial, chunk_partial + kSums * C, acc_t(0));
