@@ -34,7 +34,7 @@ using at::vec::Vectorized;
 
 constexpr int64_t kGrain = 16384;    // elements of y in one work item
 constexpr int64_t kMaxChunks = 64;   // bound on the partial sums kept per unit
-constexpr int64_t kTile = 1024;      // elements converted at a time for float16 / bfloat16
+constexpr int64_t kTile = 1024;      // elements in one backward row of units-innermost (B == 1) y
 constexpr int kSums = 4;             // sum s, sum s*y, sum q*y, sum of the penalty terms
 
 // ---- element-wise math, written once for scalars and vectors ------------------------------
@@ -173,46 +173,59 @@ inline bool any_huge(const Vectorized<float>& y) {
 }
 #endif
 
-// ---- float16 / bfloat16: convert a tile to float, compute, convert back ------------------
+// ---- float16 / bfloat16: converted in registers, a vector at a time ---------------------
 
-// Calls f(acc, offset, n) on consecutive pieces of src as acc_t.
-template <typename scalar_t, typename acc_t, typename F>
-inline void for_each_tile(const scalar_t* src, int64_t n, F&& f) {
+// The loops read and write y's own type and compute in acc_t: every vector is converted as it is
+// loaded and rounded as it is stored. (Converting a tile into a float buffer first, then computing,
+// then converting back ran the conversions, and the memory traffic they wait on, apart from the
+// arithmetic, where the loop's chain of dependent operations leaves them room: bfloat16 was 1.3x
+// float32's time at 1M elements.) bfloat16 to float is exact, the 16 bits shifted up; float to
+// bfloat16 rounds to nearest even, NaN to NaN (0xffff in a vector, as at::vec::convert's vector
+// path, 0x7fc0 in a scalar tail, as c10's).
+template <typename acc_t, typename scalar_t>
+inline Vectorized<acc_t> load_vec(const scalar_t* p) {
+  using Vec = Vectorized<acc_t>;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    f(src, int64_t(0), n);
+    return Vec::loadu(p);
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512) && !defined(_MSC_VER)
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
+    // F16C (which the AVX2 build requires): exact, as every float16 is a float
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#endif
   } else {
-    acc_t buf[kTile];
-    for (int64_t i = 0; i < n; i += kTile) {
-      const int64_t m = std::min(kTile, n - i);
-      at::vec::convert(src + i, buf, m);
-      f(static_cast<const acc_t*>(buf), i, m);
-    }
+    acc_t buf[Vec::size()];
+    at::vec::convert(p, buf, Vec::size());
+    return Vec::loadu(buf);
   }
 }
 
-// A writable acc_t view of dst[0:n] that is written back when it goes out of scope. A constructor,
-// not an aggregate: brace-initialising buf would zero its kTile floats, 4 KiB, for every tile.
-template <typename scalar_t, typename acc_t>
-struct OutTile {
-  scalar_t* dst;
-  int64_t n;
-  acc_t buf[std::is_same_v<scalar_t, acc_t> ? 1 : kTile];  // left uninitialised
-  OutTile(scalar_t* dst_, int64_t n_) : dst(dst_), n(n_) {}
-  OutTile(const OutTile&) = delete;
-  OutTile& operator=(const OutTile&) = delete;
-  acc_t* data() {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      return dst;
-    } else {
-      return buf;
-    }
+template <typename acc_t, typename scalar_t>
+inline void store_vec(const Vectorized<acc_t>& v, scalar_t* p) {
+  using Vec = Vectorized<acc_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    v.store(p);
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512) && !defined(_MSC_VER)
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    // round to nearest even: add 0x7fff plus the lowest kept bit, keep the high 16 bits
+    const __m256 f = v;
+    const __m256i x = _mm256_castps_si256(f);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+    __m256i t = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)), x), 16);
+    t = _mm256_blendv_epi8(_mm256_set1_epi32(0xffff), t,
+                           _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_ORD_Q)));
+    // 8 x 32 bits -> 8 x 16 bits (all values fit: no saturation)
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+#endif
+  } else {
+    acc_t buf[Vec::size()];
+    v.store(buf);
+    at::vec::convert(buf, p, Vec::size());
   }
-  ~OutTile() {
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-      if (dst != nullptr) at::vec::convert(buf, dst, n);
-    }
-  }
-};
+}
 
 // ---- shape of the work -----------------------------------------------------------------
 
@@ -254,8 +267,8 @@ inline bool is_mean(c10::string_view reduction) {
 // Partial sums over `rows` units-innermost rows of a (rows, C) block, added into
 // partial (kSums, C), row after row: a stride-C walk down a column would touch a new page at every
 // step once C is large, while these partials stay in L1.
-template <typename acc_t>
-void forward_rows(const acc_t* y, int64_t rows, int64_t C, const acc_t* mu, acc_t* out,
+template <typename scalar_t, typename acc_t, typename out_t>
+void forward_rows(const scalar_t* y, int64_t rows, int64_t C, const acc_t* mu, out_t* out,
                   acc_t* partial) {
   using Vec = Vectorized<acc_t>;
   const acc_t *mu0 = mu, *mu1 = mu + C;
@@ -266,19 +279,19 @@ void forward_rows(const acc_t* y, int64_t rows, int64_t C, const acc_t* mu, acc_
       prefetch(y + c + kPrefetch);
       Accumulators<Vec> acc{Vec::loadu(ps + c), Vec::loadu(psy + c), Vec::loadu(pqy + c),
                             Vec::loadu(ppen + c), Vec(0)};
-      const Vec relu = acc.add(Vec::loadu(y + c),
+      const Vec relu = acc.add(load_vec<acc_t>(y + c),
                                ForwardCoef<Vec>{Vec::loadu(mu0 + c), Vec::loadu(mu1 + c)});
       acc.s.store(ps + c);
       acc.sy.store(psy + c);
       acc.qy.store(pqy + c);
       (acc.pen1 + acc.pen0).store(ppen + c);
-      if (out != nullptr) relu.store(out + r * C + c);
+      if (out != nullptr) store_vec(relu, out + r * C + c);
     }
     for (; c < C; ++c) {
       Accumulators<acc_t> acc{ps[c], psy[c], pqy[c], ppen[c], 0};
-      const acc_t relu = acc.add(y[c], ForwardCoef<acc_t>{mu0[c], mu1[c]});
+      const acc_t relu = acc.add(static_cast<acc_t>(y[c]), ForwardCoef<acc_t>{mu0[c], mu1[c]});
       ps[c] = acc.s, psy[c] = acc.sy, pqy[c] = acc.qy, ppen[c] = acc.pen1 + acc.pen0;
-      if (out != nullptr) out[r * C + c] = relu;
+      if (out != nullptr) out[r * C + c] = static_cast<out_t>(relu);
     }
   }
 }
@@ -290,30 +303,31 @@ struct RunSums {
   Accumulators<Vec> lanes;
   Accumulators<acc_t> tail;
 
-  void add(const acc_t* y, int64_t n, const ForwardCoef<acc_t>& k, acc_t* out) {
+  template <typename scalar_t, typename out_t>
+  void add(const scalar_t* y, int64_t n, const ForwardCoef<acc_t>& k, out_t* out) {
     if (out != nullptr) {
       add_impl<true>(y, n, k, out);
     } else {
-      add_impl<false>(y, n, k, nullptr);
+      add_impl<false>(y, n, k, out);
     }
   }
 
   // Local copies in the loop: a store to `out` could alias a member, and the compiler would keep
   // the sums in memory.
-  template <bool kOut>
-  void add_impl(const acc_t* y, int64_t n, const ForwardCoef<acc_t>& k, acc_t* out) {
+  template <bool kOut, typename scalar_t, typename out_t>
+  void add_impl(const scalar_t* y, int64_t n, const ForwardCoef<acc_t>& k, out_t* out) {
     const ForwardCoef<Vec> kv{Vec(k.mu0), Vec(k.mu1)};
     Accumulators<Vec> acc = lanes;
     int64_t i = 0;
     for (; i + Vec::size() <= n; i += Vec::size()) {
       prefetch(y + i + kPrefetch);
-      const Vec relu = acc.add(Vec::loadu(y + i), kv);
-      if constexpr (kOut) relu.store(out + i);
+      const Vec relu = acc.add(load_vec<acc_t>(y + i), kv);
+      if constexpr (kOut) store_vec(relu, out + i);
     }
     lanes = acc;
     for (; i < n; ++i) {
-      const acc_t relu = tail.add(y[i], k);
-      if constexpr (kOut) out[i] = relu;
+      const acc_t relu = tail.add(static_cast<acc_t>(y[i]), k);
+      if constexpr (kOut) out[i] = static_cast<out_t>(relu);
     }
   }
 
@@ -356,27 +370,25 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
 
   if (numel > 0 && B == 1) {
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> ybuf, obuf;
+      std::vector<acc_t> obuf;
       for (int64_t k = begin; k < end; ++k) {
         const int64_t a0 = k * R, n_rows = std::min(R, A - a0);
-        const scalar_t* src = yp + a0 * C;
-        scalar_t* dst = op != nullptr ? op + a0 * C : nullptr;
         acc_t* chunk_partial = pp + k * kSums * C;
         std::fill(chunk_partial, chunk_partial + kSums * C, acc_t(0));
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          forward_rows<acc_t>(src, n_rows, C, mup, dst, chunk_partial);
+        if (std::is_same_v<scalar_t, acc_t> || op == nullptr) {
+          forward_rows<scalar_t, acc_t, scalar_t>(yp + a0 * C, n_rows, C, mup,
+                                                  op != nullptr ? op + a0 * C : nullptr,
+                                                  chunk_partial);
         } else {
-          // converted a few rows (about kTile elements) at a time, so that the float copies stay
-          // in L1: a chunk is up to 1/kMaxChunks of y, megabytes on a large batch
+          // relu(y) of float16 / bfloat16 written as floats a few rows (about kTile elements) at
+          // a time, then rounded 16 at a time: rounded in the loop, 8 at a time, it was slower
           const int64_t tile_rows = std::max<int64_t>(1, std::min(n_rows, kTile / C));
-          ybuf.resize(tile_rows * C);
-          if (dst != nullptr) obuf.resize(tile_rows * C);
+          obuf.resize(tile_rows * C);
           for (int64_t t = 0; t < n_rows; t += tile_rows) {
-            const int64_t m_rows = std::min(tile_rows, n_rows - t), m = m_rows * C;
-            at::vec::convert(src + t * C, ybuf.data(), m);
-            forward_rows<acc_t>(ybuf.data(), m_rows, C, mup,
-                                dst != nullptr ? obuf.data() : nullptr, chunk_partial);
-            if (dst != nullptr) at::vec::convert(obuf.data(), dst + t * C, m);
+            const int64_t m_rows = std::min(tile_rows, n_rows - t);
+            forward_rows<scalar_t, acc_t, acc_t>(yp + (a0 + t) * C, m_rows, C, mup, obuf.data(),
+                                                 chunk_partial);
+            at::vec::convert(obuf.data(), op + (a0 + t) * C, m_rows * C);
           }
         }
       }
@@ -384,6 +396,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
   } else if (numel > 0) {
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<RunSums<acc_t>> units;
+      acc_t obuf[std::is_same_v<scalar_t, acc_t> ? 1 : kTile];
       for (int64_t k = begin; k < end; ++k) {
         // the chunk's units: slot i holds unit (r0 + i) % C, whose rows are r0 + i + j C
         const int64_t r0 = k * R, r1 = std::min(rows, r0 + R), n_units = std::min(r1 - r0, C);
@@ -392,10 +405,16 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
           const int64_t c = r % C, offset = r * B;
           RunSums<acc_t>& sums = units[(r - r0) % C];
           const ForwardCoef<acc_t> unit{mup[c], mup[C + c]};
-          for_each_tile<scalar_t, acc_t>(yp + offset, B, [&](const acc_t* v, int64_t i, int64_t n) {
-            OutTile<scalar_t, acc_t> out(op != nullptr ? op + offset + i : nullptr, n);
-            sums.add(v, n, unit, op != nullptr ? out.data() : nullptr);
-          });
+          if (std::is_same_v<scalar_t, acc_t> || op == nullptr) {
+            sums.add(yp + offset, B, unit, op != nullptr ? op + offset : nullptr);
+          } else {
+            // relu(y) through a float buffer, as in the units-innermost loop above
+            for (int64_t i = 0; i < B; i += kTile) {
+              const int64_t n = std::min(kTile, B - i);
+              sums.add(yp + offset + i, n, unit, obuf);
+              at::vec::convert(obuf, op + offset + i, n);
+            }
+          }
         }
         acc_t* chunk_partial = pp + k * kSums * C;
         if (n_units < C) std::fill(chunk_partial, chunk_partial + kSums * C, acc_t(0));
@@ -430,8 +449,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
 // huge_mu: some |mu| is above kSquareSafe (or not finite), so every element takes exact_squares;
 // else the vector loop leaves for a loop of exact_squares at the first y above kSquareSafe, so
 // that the common loop holds no more than it needs.
-template <typename acc_t, bool kPerUnit, bool kGradOut>
-void gradient_run(const acc_t* y, const acc_t* go, acc_t* g, int64_t n, acc_t w,
+template <typename scalar_t, typename acc_t, bool kPerUnit, bool kGradOut>
+void gradient_run(const scalar_t* y, const scalar_t* go, acc_t* g, int64_t n, acc_t w,
                   const acc_t* mu0, const acc_t* mu1, const acc_t* w_gap, bool huge_mu) {
   using Vec = Vectorized<acc_t>;
   if (n <= 0) return;
@@ -444,28 +463,29 @@ void gradient_run(const acc_t* y, const acc_t* go, acc_t* g, int64_t n, acc_t w,
                     : unit;
   };
   auto relu_grad = [&](const Vec& v, int64_t i) {
-    return kGradOut ? where_positive(v, Vec::loadu(go + i)) : Vec(0);
+    return kGradOut ? where_positive(v, load_vec<acc_t>(go + i)) : Vec(0);
   };
   int64_t i = 0;
   if (!huge_mu) {
     for (; i + Vec::size() <= n; i += Vec::size()) {
       prefetch(y + i + kPrefetch);
       if constexpr (kGradOut) prefetch(go + i + kPrefetch);
-      const Vec v = Vec::loadu(y + i);
+      const Vec v = load_vec<acc_t>(y + i);
       if (any_huge(v)) break;
       gradient(v, relu_and_probs(v), coef_at(i), relu_grad(v, i)).store(g + i);
     }
   }
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec v = Vec::loadu(y + i);
+    const Vec v = load_vec<acc_t>(y + i);
     (exact_squares(v, relu_and_probs(v), coef_at(i)) + relu_grad(v, i)).store(g + i);
   }
   for (; i < n; ++i) {
     const int64_t j = kPerUnit ? i : 0;
     const BackwardCoef<acc_t> k{mu0[j], mu1[j], w_gap[j], w, 2 * w};
-    const acc_t relu = kGradOut ? where_positive(y[i], go[i]) : acc_t(0);
-    g[i] = huge_mu || any_huge(y[i]) ? exact_squares(y[i], relu_and_probs(y[i]), k) + relu
-                                     : gradient(y[i], relu_and_probs(y[i]), k, relu);
+    const acc_t yi = static_cast<acc_t>(y[i]);
+    const acc_t relu = kGradOut ? where_positive(yi, static_cast<acc_t>(go[i])) : acc_t(0);
+    g[i] = huge_mu || any_huge(yi) ? exact_squares(yi, relu_and_probs(yi), k) + relu
+                                   : gradient(yi, relu_and_probs(yi), k, relu);
   }
 }
 
@@ -520,30 +540,35 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t offset = r * L, length = std::min(L, numel - offset);
-      for_each_tile<scalar_t, acc_t>(yp + offset, length, [&](const acc_t* v, int64_t i, int64_t n) {
-        OutTile<scalar_t, acc_t> g(gp + offset + i, n);
-        const acc_t* go = nullptr;
-        acc_t go_buf[std::is_same_v<scalar_t, acc_t> ? 1 : kTile];
-        if (gop != nullptr) {
-          if constexpr (std::is_same_v<scalar_t, acc_t>) {
-            go = gop + offset + i;
-          } else {
-            at::vec::convert(gop + offset + i, go_buf, n);
-            go = go_buf;
-          }
+      // float16 / bfloat16: y (and grad_out) converted as they are loaded, the gradient written
+      // kTile floats at a time into a buffer that stays in L1 and rounded from there, 16 at a time
+      // (rounded in the gradient's loop, 8 at a time, it spilled that loop's registers: slower)
+      constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
+      const int64_t step = kSame ? std::max<int64_t>(length, 1) : kTile;
+      acc_t gbuf[kSame ? 1 : kTile];
+      for (int64_t i = 0; i < length; i += step) {
+        const int64_t n = std::min(step, length - i);
+        const scalar_t* y = yp + offset + i;
+        const scalar_t* go = gop != nullptr ? gop + offset + i : nullptr;
+        acc_t* g;
+        if constexpr (kSame) {
+          g = gp + offset + i;
+        } else {
+          g = gbuf;
         }
         const int64_t c = B == 1 ? i : r % C;  // the (first) unit
         const acc_t *mu0 = coef.data() + c, *mu1 = mu0 + P, *w_gap = mu0 + 2 * P;
         if (B == 1 && go != nullptr) {
-          gradient_run<acc_t, true, true>(v, go, g.data(), n, w, mu0, mu1, w_gap, huge_mu);
+          gradient_run<scalar_t, acc_t, true, true>(y, go, g, n, w, mu0, mu1, w_gap, huge_mu);
         } else if (B == 1) {
-          gradient_run<acc_t, true, false>(v, go, g.data(), n, w, mu0, mu1, w_gap, huge_mu);
+          gradient_run<scalar_t, acc_t, true, false>(y, go, g, n, w, mu0, mu1, w_gap, huge_mu);
         } else if (go != nullptr) {
-          gradient_run<acc_t, false, true>(v, go, g.data(), n, w, mu0, mu1, w_gap, huge_mu);
+          gradient_run<scalar_t, acc_t, false, true>(y, go, g, n, w, mu0, mu1, w_gap, huge_mu);
         } else {
-          gradient_run<acc_t, false, false>(v, go, g.data(), n, w, mu0, mu1, w_gap, huge_mu);
+          gradient_run<scalar_t, acc_t, false, false>(y, go, g, n, w, mu0, mu1, w_gap, huge_mu);
         }
-      });
+        if constexpr (!kSame) at::vec::convert(gbuf, gp + offset + i, n);
+      }
     }
   });
   return grad;
