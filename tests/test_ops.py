@@ -400,3 +400,40 @@ def test_more_than_2_31_elements(shape):
     expected = q * (1 - 9) + 2 * ((1 - q) * 1 + q * 3)
     torch.testing.assert_close(grad.view(-1)[-1].float().item(), expected, rtol=1e-2, atol=1e-2)
     del grad
+
+
+def _thp_eligible(address: int) -> bool | None:
+    """Whether the mapping holding `address` may get transparent huge pages (/proc/self/smaps)."""
+    try:
+        lines = open("/proc/self/smaps").read().splitlines()
+    except OSError:
+        return None
+    inside = False
+    for line in lines:
+        head = line.split()[0] if line.split() else ""
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("THPeligible:"):
+            return line.split()[1] == "1"
+    return None
+
+
+@pytest.mark.skipif(_ops.NATIVE_OPS is None, reason="shade_ops._C is not built")
+def test_large_outputs_of_the_cpu_kernels_ask_for_huge_pages():
+    """The gradient and ReLU output of a 64 MB layer are advised MADV_HUGEPAGE before the kernels
+    write them (each 4 KiB page of a fresh block is a page fault otherwise)."""
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        pytest.skip("no transparent huge pages here")
+    if "[madvise]" not in mode:
+        pytest.skip(f"THP mode is not madvise ({mode.strip()}): advice changes nothing to see")
+    y = torch.randn(1 << 24, requires_grad=True).view(1 << 14, 1 << 10)
+    state = ShadeState(1 << 10)
+    out, value = shade_ops.relu_penalty(y, state, backend="cpu")
+    (grad,) = torch.autograd.grad(value, y)
+    middle = lambda t: t.data_ptr() + t.numel() * t.element_size() // 2
+    assert _thp_eligible(middle(grad)) is True
+    assert _thp_eligible(middle(out)) is True
+    assert _thp_eligible(middle(y.detach())) is False  # torch.randn's own block: not advised
