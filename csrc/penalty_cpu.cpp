@@ -16,17 +16,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdint>
 #include <limits>
 #include <optional>
 #include <type_traits>
 #include <vector>
 
 #include "vec_exp.h"
-
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 namespace shade_ops {
 
@@ -494,30 +489,6 @@ void gradient_run(const scalar_t* y, const scalar_t* go, acc_t* g, int64_t n, ac
   }
 }
 
-
-// An activation-sized output, backed by transparent huge pages where the kernel allows them. A
-// block this large is a fresh mmap of glibc's at every call, and the first write to each of its
-// 4 KiB pages is a page fault: at 32M float32 elements that is most of the backward's time on
-// this project's VMs (97 ms against 27 ms with huge pages). Advising the 2 MiB-aligned interior
-// before anything writes to it is what PyTorch's allocator does under THP_MEM_ALLOC_ENABLE=1;
-// where THP is off or the call fails, nothing changes.
-at::Tensor empty_output(const at::Tensor& like) {
-  at::Tensor out = at::empty(like.sizes(), like.options());
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
-  const size_t bytes = out.storage().nbytes();
-  if (bytes >= 4 * kHugePage) {
-    const auto begin = reinterpret_cast<uintptr_t>(out.storage().data());
-    const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-    const uintptr_t last = (begin + bytes) & ~(kHugePage - 1);
-    if (last > first) {
-      madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-    }
-  }
-#endif
-  return out;
-}
-
 template <typename scalar_t>
 at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
                          const at::Tensor& mu_in, bool mean,
@@ -561,7 +532,7 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
     grad_out = grad_out_in->to(y.scalar_type()).contiguous();
   }
   const scalar_t* gop = grad_out.defined() ? grad_out.const_data_ptr<scalar_t>() : nullptr;
-  at::Tensor grad = empty_output(y);
+  at::Tensor grad = at::empty(y.sizes(), y.options());
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
 
@@ -657,7 +628,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> penalty_forward(const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> relu_penalty_forward(
     const at::Tensor& y, const at::Tensor& mu, c10::string_view reduction) {
   const bool mean = is_mean(reduction);
-  auto out = empty_output(y);
+  auto out = at::empty(y.sizes(), y.options());
   std::tuple<at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "relu_penalty_forward",
                                   [&] { result = forward_impl<scalar_t>(y, mu, mean, &out); });
