@@ -907,14 +907,27 @@ def test_gpu_check_arguments():
 def test_gpu_check_cases_and_names():
     """The harness cases of the check: Triton only where it agreed with the reference."""
     gc = _gpu_check()
-    args = gc.parse_args(["--shape", "8x4x3x3", "--shape", "37x9", "--dtype", "float32"])
-    penalty, model = gc.cases(args, {((8, 4, 3, 3), "float32"): True})
+    own = ["--shape", "8x4x3x3", "--shape", "37x9", "--dtype", "float32"]
+    penalty, model = gc.cases(gc.parse_args(own + ["--no-suite"]),
+                              {((8, 4, 3, 3), "float32"): True})
     assert len(penalty) == 6 and {c.layout for c in penalty} == {"nchw", "nd"}
     assert all(("triton" in c.providers) == (c.shape == (8, 4, 3, 3)) for c in penalty)
     assert all("compile" in c.providers and "reference" in c.providers for c in penalty)
     assert {(c.op, c.layout) for c in model} == {
         ("shade_relu", "nchw"), ("step_resnet20", "nchw"), ("step_resnet20", "channels_last")}
-    assert gc.cases(gc.parse_args(["--no-model"]), {})[1] == []
+    assert gc.cases(gc.parse_args(["--no-model", "--no-suite"]), {})[1] == []
+    # by default the CPU suite's op cases follow, last, on the device; Triton only where agreed
+    args = gc.parse_args(own)
+    suite = gc.suite_cases(args)
+    assert suite and {c.layout for c in suite} == {"nchw", "channels_last", "nd", "nld"}
+    agreed = {(c.shape, c.dtype): c.layout != "nld" for c in suite}
+    _, rest = gc.cases(args, agreed)
+    tail = rest[-len(suite):]
+    assert [(c.op, c.shape, c.dtype) for c in tail] == [(c.op, c.shape, c.dtype) for c in suite]
+    assert all(("triton" in c.providers) == (c.layout != "nld") for c in tail
+               if "triton" in next(s for s in suite if s.shape == c.shape).providers)
+    assert gc.suite_cases(gc.parse_args(own + ["--quick"])) == []
+    assert gc.suite_cases(gc.parse_args(["--dry-run"])) == []
     assert gc.device_slug("NVIDIA H200") == "nvidia-h200"
     assert gc.result_name("NVIDIA H200").startswith("gpu_check_")
     assert gc.result_name("NVIDIA H200").endswith("_nvidia-h200.json")
