@@ -1,6 +1,7 @@
 """shade_ops.recompute_relu: the ReLU outputs later layers save are kept as the ReLU's input;
 gradients and states bitwise those without it, on models written the way torchvision and
 transformers write theirs."""
+import contextlib
 import copy
 import gc
 import weakref
@@ -63,12 +64,13 @@ class Transformerish(nn.Module):  # (N, L, D) activations, units last, an MLP bl
         return x + self.fc2(self.act(self.fc1(x)))
 
 
+def _context(low_memory):
+    return shade_ops.recompute_relu() if low_memory else contextlib.nullcontext()
+
+
 def _step(model, x, low_memory):
     model.zero_grad()
-    if low_memory:
-        with shade_ops.recompute_relu():
-            loss = model(x).square().mean() + 0.1 * shade_ops.collect(model)
-    else:
+    with _context(low_memory):
         loss = model(x).square().mean() + 0.1 * shade_ops.collect(model)
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters()], \
@@ -95,10 +97,7 @@ def _alive_relu_outputs(model, x, low_memory):
     outputs = []
     hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(weakref.ref(o)))
              for m in model.modules() if isinstance(m, ShadeReLU)]
-    if low_memory:
-        with shade_ops.recompute_relu():
-            loss = model(x).square().mean() + 0.1 * shade_ops.collect(model)
-    else:
+    with _context(low_memory):
         loss = model(x).square().mean() + 0.1 * shade_ops.collect(model)
     gc.collect()
     alive = sum(ref() is not None for ref in outputs)
@@ -132,8 +131,7 @@ def test_relu_penalty_and_the_reference_backend_agree():
     grads = []
     for low, backend in [(False, "reference"), (True, "reference"), (True, "auto")]:
         state = shade_ops.ShadeState(7)
-        context = shade_ops.recompute_relu() if low else torch.enable_grad()
-        with context:
+        with _context(low):
             out, value = shade_ops.relu_penalty(y, state, backend=backend)
             loss = linear(out).sum() + value
         grads.append(torch.autograd.grad(loss, y)[0])
@@ -192,8 +190,7 @@ def test_autograd_s_own_in_place_check_still_holds_inside_it(next_layer):
     for low in (False, True):
         relu, linear = ShadeReLU(), (nn.Linear(6, 3) if next_layer else nn.Identity())
         y = torch.randn(4, 6, requires_grad=True).clone()
-        context = shade_ops.recompute_relu() if low else torch.enable_grad()
-        with context:
+        with _context(low):
             loss = linear(relu(y)).sum() + shade_ops.collect(relu)
         y.mul_(2)
         with pytest.raises(RuntimeError, match="modified"):

@@ -194,9 +194,10 @@ def _overrides(args: argparse.Namespace, names: tuple[str, ...], listed: str) ->
 
 
 def _tag(args: argparse.Namespace) -> str:
-    """The results' file tag: --tag, else the date (prefixed by quick_ for --quick)."""
+    """The results' file tag: --tag, else the date (prefixed by quick_ for --quick, where the
+    command has it)."""
     today = datetime.date.today().isoformat()
-    return args.tag or (f"quick_{today}" if args.quick else today)
+    return args.tag or (f"quick_{today}" if getattr(args, "quick", False) else today)
 
 
 def _reproduce(args: argparse.Namespace) -> int:
@@ -247,11 +248,10 @@ def _architectures(args: argparse.Namespace) -> int:
 def _mechanism(args: argparse.Namespace) -> int:
     from .mechanism import mechanism
 
-    today = datetime.date.today().isoformat()
     paths = mechanism(dataset=args.dataset, model=args.model, width=args.width,
                       samples=args.samples, epochs=args.epochs, min_steps=args.min_steps,
                       beta=args.beta, seed=args.seed, out_dir=args.out_dir,
-                      tag=args.tag or today, cache=args.cache, root=args.data_root,
+                      tag=_tag(args), cache=args.cache, root=args.data_root,
                       progress=not args.no_progress)
     print(Path(paths["md"]).read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
