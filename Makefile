@@ -61,16 +61,20 @@ gpu-check:
 # that does not compile or spills registers. Needs shade_ops._C built (make build).
 TRITON36_SPEC ?= triton==3.6.0
 VENV36 ?= .venv-triton36
+COMPAT_DIR ?= build
+COMPAT_TAG ?=
 COMPAT_SHAPES := --shape 256x64x56x56 --shape 256x256x14x14 --shape 8192x4096 --shape 128x64x16x16 \
 	--shape 5x100000x3 --shape 1x1 --shape 3x1x7 --shape 300x2x3
 triton-compat: build
 	test -x $(VENV36)/bin/python || $(PYTHON) -m venv $(VENV36)
 	$(VENV36)/bin/python -m pip install --quiet "$(TORCH_SPEC)" "$(TRITON36_SPEC)" numpy
-	mkdir -p build
+	mkdir -p $(COMPAT_DIR)
 	TRITON_INTERPRET=0 PYTHONPATH=. $(VENV36)/bin/python benchmarks/gpu_check.py --compile-only \
-		--dtype float32 --dtype bfloat16 $(COMPAT_SHAPES) > build/compile_triton36.json
+		--dtype float32 --dtype bfloat16 $(COMPAT_SHAPES) \
+		> $(COMPAT_DIR)/compile_sm90_triton36$(COMPAT_TAG).json
 	TRITON_INTERPRET=0 PYTHONPATH=. $(PY) benchmarks/gpu_check.py --compile-only \
-		--dtype float32 --dtype bfloat16 $(COMPAT_SHAPES) > build/compile_triton_ci.json
+		--dtype float32 --dtype bfloat16 $(COMPAT_SHAPES) \
+		> $(COMPAT_DIR)/compile_sm90_triton_ci$(COMPAT_TAG).json
 
 clean:
 	rm -rf build shade_ops/*.so $(VENV) $(VENV36) .pytest_cache .benchmarks
@@ -85,22 +89,35 @@ exp-ulp: $(STAMP)
 	./build/exp_ulp
 
 # Every figure and table of the README and docs/, under benchmarks/results with the tag
-# FIGURES_TAG (today's date by default): the benchmarks and their plots, the Triton compile
-# tables, then the paper's experiments on one thread each (about 2.5 hours of one idle core in
-# all; the 2026-11-29 results ran as several processes side by side).
+# FIGURES_TAG (today's date by default): the benchmarks and their plots on a quiet machine first,
+# the Triton compile tables, then the paper's experiments, one thread each, FIGURES_JOBS of them
+# side by side (about 90 minutes of CPU time; about 50 minutes of wall time on two idle cores).
 FIGURES_TAG ?= $(shell date +%F)
+FIGURES_JOBS ?= 2
 SHADE_OPS := $(PY) -m shade_ops
+FIGURE_RUNS := figure-mnist figure-digits figure-architectures figure-mechanism figure-mnist-edges \
+	figure-mnist-edge50
+.PHONY: $(FIGURE_RUNS)
 figures: build
 	$(MAKE) bench
-	$(MAKE) triton-compat
+	$(MAKE) triton-compat COMPAT_DIR=benchmarks/results COMPAT_TAG=_$(FIGURES_TAG)
 	$(PY) benchmarks/triton_host_overhead.py --rounds 30 --calls 200 \
 		--out benchmarks/results/triton_host_overhead_$(FIGURES_TAG).json
+	$(MAKE) -j$(FIGURES_JOBS) $(FIGURE_RUNS)
+
+# The experiments, longest first (make -j starts them in this order).
+figure-mnist:
 	$(SHADE_OPS) reproduce --threads 1 --tag $(FIGURES_TAG)-mnist
-	$(SHADE_OPS) reproduce --threads 1 --sizes 50 --regularizers shade --betas 1e-2,3e-2 \
-		--tag $(FIGURES_TAG)-mnist-edge50
+figure-digits:
+	$(SHADE_OPS) reproduce --threads 1 --dataset digits-m --seeds 4 --epochs 25 --min-steps 400 \
+		--betas 3e-4,1e-3,3e-3 --weight-decays 1e-4,1e-3,5e-3 --tag $(FIGURES_TAG)-digits
+figure-architectures:
+	$(SHADE_OPS) architectures --threads 1 --tag $(FIGURES_TAG)-mnist
+figure-mechanism:
+	$(SHADE_OPS) mechanism --threads 1 --tag $(FIGURES_TAG)-mnist
+figure-mnist-edges:
 	$(SHADE_OPS) reproduce --threads 1 --sizes 250,500 --regularizers dropout,shade \
 		--betas 3e-4,1e-3 --dropouts 0.1,0.25 --tag $(FIGURES_TAG)-mnist-edges
-	$(SHADE_OPS) mechanism --threads 1 --tag $(FIGURES_TAG)-mnist
-	$(SHADE_OPS) architectures --threads 1 --tag $(FIGURES_TAG)-mnist
-	$(SHADE_OPS) reproduce --threads 1 --dataset digits-m --seeds 4 --epochs 25 --min-steps 400 \
-		--betas 3e-4,1e-3,3e-3 --weight-decays 1e-4,1e-3,5e-3 --tag $(FIGURES_TAG)
+figure-mnist-edge50:
+	$(SHADE_OPS) reproduce --threads 1 --sizes 50 --regularizers shade --betas 1e-2,3e-2 \
+		--tag $(FIGURES_TAG)-mnist-edge50

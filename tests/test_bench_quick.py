@@ -1,5 +1,5 @@
 """The benchmark harness (benchmarks/harness.py, benchmarks/run.py): the quick suite runs and
-writes the one results format (/work/shared-notes/results_schema.md); its memory measure is right
+writes the one results format (docs/benchmarks.md, "Results format"); its memory measure is right
 on a known allocation. No test asserts a time."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -124,11 +125,27 @@ def test_shapes_and_bytes_moved():
 def test_a_case_interleaves_its_providers():
     order = []
     calls = {name: (lambda n=name: order.append(n)) for name in "abc"}
-    times = harness.cpu_times(calls, rounds=4, seconds=60, min_sample_s=0)
+    times = harness.cpu_times(calls, rounds=4, seconds=60, min_sample_s=0, warm_below_s=0)
     assert all(len(t) == 4 for t in times.values())
     rounds = [order[6 + 3 * i: 9 + 3 * i] for i in range(4)]  # after 2 warm calls each
     assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
     assert len({tuple(r) for r in rounds}) > 1  # shuffled, not one fixed order
+
+
+def test_short_calls_are_timed_warm():
+    """A call under warm_below_s runs once untimed before each sample; a longer one does not."""
+    order = []
+
+    def slow():
+        order.append("slow")
+        time.sleep(0.02)
+
+    calls = {"fast": lambda: order.append("fast"), "slow": slow}
+    harness.cpu_times(calls, rounds=3, seconds=60, min_sample_s=0, warm_below_s=0.01)
+    rounds = order[4:]  # after 2 warm calls each
+    assert len(rounds) == 3 * 3  # each round: fast twice (warm, timed), slow once
+    for i in range(3):
+        assert sorted(rounds[3 * i: 3 * i + 3]) == ["fast", "fast", "slow"]
 
 
 def test_triton_host_overhead_runs(tmp_path):
