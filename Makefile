@@ -64,7 +64,8 @@ VENV36 ?= .venv-triton36
 COMPAT_DIR ?= build
 COMPAT_TAG ?=
 COMPAT_SHAPES := --shape 256x64x56x56 --shape 256x256x14x14 --shape 8192x4096 --shape 128x64x16x16 \
-	--shape 5x100000x3 --shape 1x1 --shape 3x1x7 --shape 300x2x3
+	--shape 128x64x8x8 --shape 5x100000x3 --shape 1x1 --shape 3x1x7 \
+	--shape 300x2x3
 triton-compat: build
 	test -x $(VENV36)/bin/python || $(PYTHON) -m venv $(VENV36)
 	$(VENV36)/bin/python -m pip install --quiet "$(TORCH_SPEC)" "$(TRITON36_SPEC)" numpy

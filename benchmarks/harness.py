@@ -261,9 +261,12 @@ def _sync(device: str) -> None:
 def cpu_times(calls: dict[str, Callable], rounds: int, seconds: float, device: str = "cpu",
               min_sample_s: float = 2e-3, warm_below_s: float = 0.05,
               seed: int = 0) -> dict[str, list[float]]:
-    """Milliseconds per call of each callable: every round runs each once (a sample of `number`
-    calls, enough for min_sample_s), in a shuffled order; up to `rounds` rounds, fewer if they
-    would take more than `seconds` (at least 3).
+    """Milliseconds per call of each callable, in rounds: every round runs each provider still
+    sampling once (a sample of `number` calls, enough for min_sample_s), in a shuffled order. A
+    provider samples until it has `rounds` samples or has spent its share of `seconds` (an equal
+    one), and has at least 3: so eager at 33M elements (2 s a call) takes 3 samples while the
+    fused op and torch.compile beside it take a dozen or more, every one of them in a round
+    shared with the providers still sampling.
 
     A call that takes less than `warm_below_s` runs once untimed before each of its samples: the
     first call after another provider finds the caches cold and the thread pool asleep (on this
@@ -282,13 +285,16 @@ def cpu_times(calls: dict[str, Callable], rounds: int, seconds: float, device: s
         numbers[name] = max(1, min(1000, int(min_sample_s / max(one, 1e-7))))
         warm[name] = one < warm_below_s
     times: dict[str, list[float]] = {name: [] for name in calls}
-    rng, began = random.Random(seed), time.perf_counter()
-    for index in range(rounds):
-        if index >= 3 and time.perf_counter() - began > seconds:
-            break
-        order = list(calls)
+    spent = dict.fromkeys(calls, 0.0)
+    share, rng = seconds / max(1, len(calls)), random.Random(seed)
+    while True:
+        order = [name for name, done in times.items()
+                 if len(done) < 3 or (len(done) < rounds and spent[name] < share)]
+        if not order:
+            return times
         rng.shuffle(order)
         for name in order:
+            began = time.perf_counter()
             if warm[name]:
                 calls[name]()
             _sync(device)
@@ -296,8 +302,9 @@ def cpu_times(calls: dict[str, Callable], rounds: int, seconds: float, device: s
             for _ in range(numbers[name]):
                 calls[name]()
             _sync(device)
-            times[name].append((time.perf_counter() - start) * 1e3 / numbers[name])
-    return times
+            end = time.perf_counter()
+            times[name].append((end - start) * 1e3 / numbers[name])
+            spent[name] += end - began
 
 
 def cuda_times(make: Callable[[], Callable], rep_ms: float) -> tuple[list[float], float | None]:

@@ -132,6 +132,23 @@ def test_a_case_interleaves_its_providers():
     assert len({tuple(r) for r in rounds}) > 1  # shuffled, not one fixed order
 
 
+def test_a_slow_provider_samples_less_in_shared_rounds():
+    """A provider past its share of the seconds stops at 3 samples; the others go on to
+    `rounds`, each of their rounds shuffled as before."""
+    order = []
+
+    def slow():
+        order.append("slow")
+        time.sleep(0.03)
+
+    calls = {"slow": slow, "a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    times = harness.cpu_times(calls, rounds=8, seconds=0.09, min_sample_s=0, warm_below_s=0)
+    assert len(times["slow"]) == 3 and len(times["a"]) == len(times["b"]) == 8
+    timed = order[6:]  # after 2 warm calls each
+    assert sorted(timed[:9]) == sorted(["slow", "a", "b"] * 3)  # 3 shared rounds first
+    assert sorted(timed[9:]) == ["a"] * 5 + ["b"] * 5
+
+
 def test_short_calls_are_timed_warm():
     """A call under warm_below_s runs once untimed before each sample; a longer one does not."""
     order = []
