@@ -93,20 +93,22 @@ exp-ulp: $(STAMP)
 # FIGURES_TAG (today's date by default): the benchmarks and their plots on a quiet machine first,
 # the Triton compile tables, then the paper's experiments, one thread each, FIGURES_JOBS of them
 # side by side (about 90 minutes of CPU time; about 50 minutes of wall time on two idle cores).
-FIGURES_TAG ?= $(shell date +%F)
+FIGURES_TAG ?= $(shell date -u +%F)
+FIGURES_TAG := $(FIGURES_TAG)
 FIGURES_JOBS ?= 2
 SHADE_OPS := $(PY) -m shade_ops
 FIGURE_RUNS := figure-mnist figure-digits figure-architectures figure-mechanism figure-mnist-edges \
 	figure-mnist-edge50
 .PHONY: $(FIGURE_RUNS)
 figures: build
-	$(MAKE) bench
+	$(MAKE) bench BENCH_JSON=benchmarks/results/bench_cpu_$(FIGURES_TAG).json
 	$(MAKE) triton-compat COMPAT_DIR=benchmarks/results COMPAT_TAG=_$(FIGURES_TAG)
 	$(PY) benchmarks/triton_host_overhead.py --rounds 30 --calls 200 \
 		--out benchmarks/results/triton_host_overhead_$(FIGURES_TAG).json
-	$(MAKE) -j$(FIGURES_JOBS) $(FIGURE_RUNS)
+	$(MAKE) -j$(FIGURES_JOBS) FIGURES_TAG=$(FIGURES_TAG) $(FIGURE_RUNS)
 
-# The experiments, longest first (make -j starts them in this order).
+# The experiments, longest first (make -j starts them in this order); each also alone.
+$(FIGURE_RUNS): build
 figure-mnist:
 	$(SHADE_OPS) reproduce --threads 1 --tag $(FIGURES_TAG)-mnist
 figure-digits:

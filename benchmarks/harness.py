@@ -2,9 +2,10 @@
 results format ("schema": 1, described in docs/benchmarks.md).
 
 A Case is (op, phase, layout, shape, dtype, providers); run_case times every provider of a case
-side by side. CPU: perf_counter, every provider once per round in a shuffled order (an
-allocation-heavy one slows whatever runs next, so that wake reaches all of them alike), medians
-and quartiles over rounds. CUDA: triton.testing.do_bench, plus a "cuda-graph" row replaying the
+side by side. CPU: perf_counter, every provider still sampling once per round in a shuffled order
+(an allocation-heavy one slows whatever runs next, so that wake reaches all of them alike), each
+up to its share of the case's time, short calls timed warm (cpu_times); medians and quartiles
+over samples. CUDA: triton.testing.do_bench, plus a "cuda-graph" row replaying the
 call in a CUDA graph where it can be captured. Peak memory of one call beyond what was allocated
 before it: CUDA max_memory_allocated; CPU the running sum of the profiler's memory events.
 """
@@ -259,8 +260,8 @@ def _sync(device: str) -> None:
 
 
 def cpu_times(calls: dict[str, Callable], rounds: int, seconds: float, device: str = "cpu",
-              min_sample_s: float = 2e-3, warm_below_s: float = 0.05,
-              seed: int = 0) -> dict[str, list[float]]:
+              min_sample_s: float = 2e-3, warm_below_s: float = 0.05, seed: int = 0,
+              warmed: set[str] | None = None) -> dict[str, list[float]]:
     """Milliseconds per call of each callable, in rounds: every round runs each provider still
     sampling once (a sample of `number` calls, enough for min_sample_s), in a shuffled order. A
     provider samples until it has `rounds` samples or has spent its share of `seconds` (an equal
@@ -272,7 +273,8 @@ def cpu_times(calls: dict[str, Callable], rounds: int, seconds: float, device: s
     first call after another provider finds the caches cold and the thread pool asleep (on this
     machine about 0.6 ms, and more after an allocation-heavy one), a cost that belongs to neither
     provider and would otherwise swamp a 1 ms op timed once a sample. Longer calls are timed cold:
-    that cost is then a percent of theirs.
+    that cost is then a percent of theirs. The names of the providers timed warm are added to
+    `warmed` when given (a row's "warm").
     """
     numbers, warm = {}, {}
     for name, call in calls.items():
@@ -284,6 +286,8 @@ def cpu_times(calls: dict[str, Callable], rounds: int, seconds: float, device: s
         one = time.perf_counter() - start
         numbers[name] = max(1, min(1000, int(min_sample_s / max(one, 1e-7))))
         warm[name] = one < warm_below_s
+        if warm[name] and warmed is not None:
+            warmed.add(name)
     times: dict[str, list[float]] = {name: [] for name in calls}
     spent = dict.fromkeys(calls, 0.0)
     share, rng = seconds / max(1, len(calls)), random.Random(seed)
@@ -384,10 +388,12 @@ def run_case(case: Case, device: str, rounds: int, seconds: float,
             if graph is not None:
                 rows.append(make_row(case, provider, [graph], "cuda-graph", peak, copy_gbps))
     else:
-        times = cpu_times(calls, rounds, seconds, device)
+        warmed: set[str] = set()
+        times = cpu_times(calls, rounds, seconds, device, warmed=warmed)
         for provider, call in calls.items():
             rows.append(make_row(case, provider, times[provider], "cpu-perf_counter",
                                  peak_bytes(call, device), copy_gbps))
+            rows[-1]["warm"] = provider in warmed
     if case.phase == "step":
         held = {p: held_bytes(f, device) for p, f in forwards.items()}
         for row in rows:
@@ -400,13 +406,17 @@ def copy_bandwidth(device: str, numel: int, rounds: int = 10) -> tuple[float, di
     """(GB/s of out.copy_(x), bytes read + written, float32 x of `numel`; its row)."""
     case = Case("copy", "forward", "nd", (numel // 64, 64), "float32", ("copy",))
     call = op_call(case, "copy", device)
+    warmed: set[str] = set()
     if device == "cuda":
         q, graph = cuda_times(lambda: call, 40.0)
         times, timer = [min(t for t in (q[1], graph) if t)], "cuda-do_bench"
     else:
-        times, timer = cpu_times({"copy": call}, rounds, 5.0, device)["copy"], "cpu-perf_counter"
+        times = cpu_times({"copy": call}, rounds, 5.0, device, warmed=warmed)["copy"]
+        timer = "cpu-perf_counter"
     row = make_row(case, "copy", times, timer, peak_bytes(call, device), None)
     row["roofline"] = 1.0
+    if device != "cuda":
+        row["warm"] = "copy" in warmed
     return row["gbps"], row
 
 

@@ -69,6 +69,7 @@ def test_quick_suite_follows_the_schema(quick):
         if row["samples"] > 1:
             assert row["time_ms_q1"] <= row["time_ms"] <= row["time_ms_q3"], row
         assert row["peak_bytes"] is not None and row["peak_bytes"] >= 0, row  # CPU: measured
+        assert isinstance(row["warm"], bool), row  # CPU rows say whether they were timed warm
         if row["suite"] == "op":
             assert _positive(row["bytes_moved"]) and _positive(row["gbps"])
             assert row["roofline"] == pytest.approx(row["gbps"] / quick["copy_gbps"])
@@ -139,10 +140,10 @@ def test_a_slow_provider_samples_less_in_shared_rounds():
 
     def slow():
         order.append("slow")
-        time.sleep(0.03)
+        time.sleep(0.1)
 
     calls = {"slow": slow, "a": lambda: order.append("a"), "b": lambda: order.append("b")}
-    times = harness.cpu_times(calls, rounds=8, seconds=0.09, min_sample_s=0, warm_below_s=0)
+    times = harness.cpu_times(calls, rounds=8, seconds=0.3, min_sample_s=0, warm_below_s=0)
     assert len(times["slow"]) == 3 and len(times["a"]) == len(times["b"]) == 8
     timed = order[6:]  # after 2 warm calls each
     assert sorted(timed[:9]) == sorted(["slow", "a", "b"] * 3)  # 3 shared rounds first
@@ -158,7 +159,10 @@ def test_short_calls_are_timed_warm():
         time.sleep(0.02)
 
     calls = {"fast": lambda: order.append("fast"), "slow": slow}
-    harness.cpu_times(calls, rounds=3, seconds=60, min_sample_s=0, warm_below_s=0.01)
+    warmed = set()
+    harness.cpu_times(calls, rounds=3, seconds=60, min_sample_s=0, warm_below_s=0.01,
+                      warmed=warmed)
+    assert warmed == {"fast"}
     rounds = order[4:]  # after 2 warm calls each
     assert len(rounds) == 3 * 3  # each round: fast twice (warm, timed), slow once
     for i in range(3):
