@@ -35,7 +35,7 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -439,6 +439,23 @@ def _provider_order(providers: Iterable[str]) -> list[str]:
                   key=lambda p: (rank.get(p, 99), p))
 
 
+def _per_file(results: Sequence[Result], data_of: Callable, figure: str, missing: str,
+              keep: Callable = bool) -> list | None:
+    """``(result, data_of(result))`` for every file whose data ``keep`` accepts; None, with a note
+    that ``figure`` is skipped for want of ``missing``, when no file has any."""
+    per_file = [(result, data) for result in results for data in [data_of(result)] if keep(data)]
+    if not per_file:
+        _note(f"{figure} skipped: {missing}")
+        return None
+    return per_file
+
+
+def _panels(files: int, height: float, nrows: int = 1, **kwargs):
+    """``(fig, axes)``: ``nrows`` rows of panels, one column a results file, at most 11 in wide."""
+    return _plt().subplots(nrows, files, figsize=(min(5.2 * files, 11.0), height * nrows),
+                           squeeze=False, **kwargs)
+
+
 def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     _plt().close(fig)
@@ -493,10 +510,9 @@ def draw_time_vs_numel(results: Sequence[Result], path: Path) -> Path | None:
     """Figure 1: penalty forward+backward time vs numel, one row per file: float32 NCHW (or the
     most frequent combination) large on the left, up to four other layouts / dtypes as a 2x2 grid
     of small multiples on the right."""
-    per_file = [(r, penalty_rows(r)) for r in results]
-    per_file = [(r, rows) for r, rows in per_file if rows]
-    if not per_file:
-        _note("time_vs_numel.png skipped: no penalty forward_backward rows")
+    per_file = _per_file(results, penalty_rows, "time_vs_numel.png",
+                         "no penalty forward_backward rows")
+    if per_file is None:
         return None
     plt = _plt()
     max_small = 4
@@ -535,15 +551,13 @@ def draw_time_vs_numel(results: Sequence[Result], path: Path) -> Path | None:
 def draw_speedup(results: Sequence[Result], path: Path) -> Path | None:
     """Figure 2: eager / fused and compile / fused time ratios vs numel per layout and dtype, one
     panel per file, with the 10x and 2x goals and a line at 1M elements."""
-    per_file = [(r, speedups(r)) for r in results]
-    per_file = [(r, s) for r, s in per_file
-                if any(e[EAGER] is not None or e[COMPILE] is not None for e in s)]
-    if not per_file:
-        _note("speedup.png skipped: no fused penalty rows with an eager or compile baseline")
+    per_file = _per_file(results, speedups, "speedup.png",
+                         "no fused penalty rows with an eager or compile baseline",
+                         keep=lambda s: any(e[EAGER] is not None or e[COMPILE] is not None
+                                            for e in s))
+    if per_file is None:
         return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(per_file), figsize=(min(5.2 * len(per_file), 11.0), 4.4),
-                             squeeze=False, sharey=True)
+    fig, axes = _panels(len(per_file), 4.4, sharey=True)
     for ax, (result, entries) in zip(axes[0], per_file):
         keys = sorted({(e["fused"], e["layout"], e["dtype"]) for e in entries},
                       key=lambda k: ((k[1], k[2]) != MAIN_COMBO, k))
@@ -588,17 +602,13 @@ def draw_speedup(results: Sequence[Result], path: Path) -> Path | None:
 def draw_memory(results: Sequence[Result], path: Path) -> Path | None:
     """Figure 3: peak bytes of the penalty forward+backward per provider vs numel (float32 NCHW
     or the most frequent combination), log-log, one panel per file."""
-    per_file = []
-    for result in results:
-        rows = [r for r in penalty_rows(result) if _number(r.get("peak_bytes")) is not None]
-        if rows:
-            per_file.append((result, rows))
-    if not per_file:
-        _note("memory.png skipped: no penalty forward_backward rows with peak_bytes")
+    per_file = _per_file(
+        results, lambda result: [r for r in penalty_rows(result)
+                                 if _number(r.get("peak_bytes")) is not None],
+        "memory.png", "no penalty forward_backward rows with peak_bytes")
+    if per_file is None:
         return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(per_file), figsize=(min(5.2 * len(per_file), 11.0), 4.2),
-                             squeeze=False)
+    fig, axes = _panels(len(per_file), 4.2)
     for ax, (result, rows) in zip(axes[0], per_file):
         c = combos(rows)[0]
         sub = [r for r in rows if combo(r) == c]
@@ -627,17 +637,13 @@ def draw_memory(results: Sequence[Result], path: Path) -> Path | None:
 def draw_step_overhead(results: Sequence[Result], path: Path) -> Path | None:
     """Figure 4: % overhead of the training step with SHADE over the plain step per model and
     provider (bars annotated with the absolute ms), and held_bytes per model if present."""
-    per_file = [(r, step_table(r)) for r in results]
-    per_file = [(r, s) for r, s in per_file if s]
-    if not per_file:
-        _note("step_overhead.png skipped: no step rows with a plain baseline")
+    per_file = _per_file(results, step_table, "step_overhead.png",
+                         "no step rows with a plain baseline")
+    if per_file is None:
         return None
     has_held = any(s["held_bytes"] is not None for _, steps in per_file for s in steps)
-    plt = _plt()
     nrows = 2 if has_held else 1
-    fig, axes = plt.subplots(nrows, len(per_file),
-                             figsize=(min(5.2 * len(per_file), 11.0), 3.6 * nrows),
-                             squeeze=False)
+    fig, axes = _panels(len(per_file), 3.6, nrows)
     for col, (result, steps) in enumerate(per_file):
         configs = list(dict.fromkeys(
             (s["model"], s["batch"], s["memory_format"], s["dtype"]) for s in steps))
@@ -720,18 +726,13 @@ def _dedupe_legend(ax) -> None:
 def draw_roofline(results: Sequence[Result], path: Path) -> Path | None:
     """Figure 5: achieved GB/s of every op row with ``gbps`` vs numel (colour: provider, marker:
     op / phase), with the copy bandwidth of the same run as a horizontal line."""
-    per_file = []
-    for result in results:
-        rows = [r for r in select(result, suite="op")
-                if _number(r.get("gbps")) is not None and _number(r.get("numel"))]
-        if rows:
-            per_file.append((result, rows))
-    if not per_file:
-        _note("roofline.png skipped: no rows with gbps")
+    per_file = _per_file(
+        results, lambda result: [r for r in select(result, suite="op")
+                                 if _number(r.get("gbps")) is not None and _number(r.get("numel"))],
+        "roofline.png", "no rows with gbps")
+    if per_file is None:
         return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(per_file), figsize=(min(5.2 * len(per_file), 11.0), 4.6),
-                             squeeze=False)
+    fig, axes = _panels(len(per_file), 4.6)
     markers = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
     for ax, (result, rows) in zip(axes[0], per_file):
         kinds = sorted({(str(r.get("op")), str(r.get("phase"))) for r in rows})
