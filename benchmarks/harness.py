@@ -276,7 +276,7 @@ def cpu_times(calls: dict[str, Callable], rounds: int, seconds: float, device: s
     that cost is then a percent of theirs. The names of the providers timed warm are added to
     `warmed` when given (a row's "warm").
     """
-    numbers, warm = {}, {}
+    numbers, warm = {}, set() if warmed is None else warmed
     for name, call in calls.items():
         call()  # warm: compiled, allocated
         _sync(device)
@@ -285,9 +285,8 @@ def cpu_times(calls: dict[str, Callable], rounds: int, seconds: float, device: s
         _sync(device)
         one = time.perf_counter() - start
         numbers[name] = max(1, min(1000, int(min_sample_s / max(one, 1e-7))))
-        warm[name] = one < warm_below_s
-        if warm[name] and warmed is not None:
-            warmed.add(name)
+        if one < warm_below_s:
+            warm.add(name)
     times: dict[str, list[float]] = {name: [] for name in calls}
     spent = dict.fromkeys(calls, 0.0)
     share, rng = seconds / max(1, len(calls)), random.Random(seed)
@@ -299,7 +298,7 @@ def cpu_times(calls: dict[str, Callable], rounds: int, seconds: float, device: s
         rng.shuffle(order)
         for name in order:
             began = time.perf_counter()
-            if warm[name]:
+            if name in warm:
                 calls[name]()
             _sync(device)
             start = time.perf_counter()
@@ -345,8 +344,8 @@ def cuda_times(make: Callable[[], Callable], rep_ms: float) -> tuple[list[float]
 # ---- rows --------------------------------------------------------------------------------
 
 def make_row(case: Case, provider: str, times_ms: list[float], timer: str,
-             peak: int | None, copy_gbps: float | None) -> dict:
-    """One row of the results format."""
+             peak: int | None, copy_gbps: float | None, warm: bool | None = None) -> dict:
+    """One row of the results format (``warm``: timed warm by cpu_times; None on CUDA)."""
     median, q1, q3 = quartiles(times_ms)
     traffic = TRAFFIC.get((case.op, case.phase))
     moved = None if traffic is None else traffic * case.numel * \
@@ -356,7 +355,7 @@ def make_row(case: Case, provider: str, times_ms: list[float], timer: str,
                provider=provider, layout=case.layout, shape=list(case.shape), units=case.units,
                numel=case.numel, dtype=case.dtype, time_ms=median, time_ms_q1=q1, time_ms_q3=q3,
                samples=len(times_ms), timer=timer, peak_bytes=peak, bytes_moved=moved, gbps=gbps,
-               roofline=gbps / copy_gbps if gbps and copy_gbps else None)
+               roofline=gbps / copy_gbps if gbps and copy_gbps else None, warm=warm)
     if case.phase == "step":
         extra = dict(case.extra)
         row.update(model=extra["model"], batch=case.shape[0],
@@ -392,8 +391,7 @@ def run_case(case: Case, device: str, rounds: int, seconds: float,
         times = cpu_times(calls, rounds, seconds, device, warmed=warmed)
         for provider, call in calls.items():
             rows.append(make_row(case, provider, times[provider], "cpu-perf_counter",
-                                 peak_bytes(call, device), copy_gbps))
-            rows[-1]["warm"] = provider in warmed
+                                 peak_bytes(call, device), copy_gbps, provider in warmed))
     if case.phase == "step":
         held = {p: held_bytes(f, device) for p, f in forwards.items()}
         for row in rows:
@@ -409,14 +407,12 @@ def copy_bandwidth(device: str, numel: int, rounds: int = 10) -> tuple[float, di
     warmed: set[str] = set()
     if device == "cuda":
         q, graph = cuda_times(lambda: call, 40.0)
-        times, timer = [min(t for t in (q[1], graph) if t)], "cuda-do_bench"
+        times, timer, warm = [min(t for t in (q[1], graph) if t)], "cuda-do_bench", None
     else:
         times = cpu_times({"copy": call}, rounds, 5.0, device, warmed=warmed)["copy"]
-        timer = "cpu-perf_counter"
-    row = make_row(case, "copy", times, timer, peak_bytes(call, device), None)
+        timer, warm = "cpu-perf_counter", "copy" in warmed
+    row = make_row(case, "copy", times, timer, peak_bytes(call, device), None, warm)
     row["roofline"] = 1.0
-    if device != "cuda":
-        row["warm"] = "copy" in warmed
     return row["gbps"], row
 
 
