@@ -55,7 +55,9 @@ def cpu_flags() -> list[str]:
     fast; AVX-512 (16 lanes) is faster again. The flags target the building machine, like
     -march=native: build where you run. SHADE_OPS_NATIVE=0 builds without them,
     SHADE_OPS_ISA=avx2 caps the level at AVX2."""
-    flags = ["-O3", "-std=c++17", "-fopenmp"]  # at::parallel_for is OpenMP, inline
+    # No -std: torch's BuildExtension adds the standard its headers need (C++17 up to torch 2.13,
+    # C++20 from 2.14) only when the flags name none.
+    flags = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP, inline
     if os.environ.get("SHADE_OPS_NATIVE", "1") == "0" \
             or platform.machine() not in ("x86_64", "AMD64"):
         return flags
