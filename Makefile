@@ -84,7 +84,7 @@ clean:
 # flags setup.py gives the extension on this machine.
 exp-ulp: $(STAMP)
 	mkdir -p build
-	c++ -O2 -std=c++17 $$($(PY) -c "import setup; print(*[f for f in setup.cpu_flags() if f != '-fopenmp'])") \
+	c++ -O2 $$($(PY) -c "import setup, torch; print(setup.cxx_standard(torch.__version__))") $$($(PY) -c "import setup; print(*[f for f in setup.cpu_flags() if f != '-fopenmp'])") \
 		$$($(PY) -c "from torch.utils import cpp_extension as c; print(*['-I' + p for p in c.include_paths()])") \
 		csrc/tools/exp_ulp.cpp -o build/exp_ulp
 	./build/exp_ulp

@@ -1,15 +1,52 @@
 """Builds shade_ops._C: the op schemas and the native CPU kernels, plus the CUDA kernels of csrc/*.cu
-where torch has CUDA. A CPU-only torch builds the same package without the .cu files."""
+where torch has CUDA. A CPU-only torch builds the same package without the .cu files.
+
+The extension is compiled against the torch of the environment that builds it, which must be the
+torch that will run it (C++ extensions have no stable ABI across torch releases). So torch is not a
+build requirement in pyproject.toml: pip's build isolation would fetch another torch (the newest,
+with CUDA) to compile against. Install with ``pip install --no-build-isolation .`` into the
+environment that has your torch; without it this file stops at once and says so
+(docs/design.md, "Installing").
+
+Environment variables:
+    SHADE_OPS_NATIVE=0          portable code, no AVX flags (a wheel for other x86-64 machines)
+    SHADE_OPS_ISA=avx2          cap the instruction set at AVX2
+    SHADE_OPS_CUDA=0            leave out csrc/*.cu
+    SHADE_OPS_NO_EXTENSION=1    install the pure-Python package (the reference backend) only
+    SHADE_OPS_REQUIRE_EXTENSION=1   fail the install when the extension does not compile, instead
+                                of installing without it
+"""
 import glob
 import os
 import platform
+import re
 import subprocess
+import sys
 import tempfile
 
 from setuptools import setup
-from torch.utils import cpp_extension
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:  # pip's isolated build environment, or no torch yet
+    torch = cpp_extension = None
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+NO_TORCH_MESSAGE = """
+shade_ops: torch cannot be imported while building, so shade_ops._C cannot be compiled against
+the torch you will run it with. Either:
+  - pip's build isolation hid your torch: install with
+        pip install --no-build-isolation .        (or -e . for a checkout)
+    which builds against the torch of this environment (it needs setuptools>=64, wheel and,
+    for a fast build, ninja: pip install setuptools wheel ninja);
+  - or torch is not installed yet: pip install torch (the CPU or CUDA build you want) first.
+SHADE_OPS_NO_EXTENSION=1 installs the pure-Python package instead (the slow reference backend).
+"""
+# What pip runs to build a wheel or an editable install; dist_info (the wheel's metadata) comes
+# before pip resolves and downloads the dependencies, so a build without torch stops before that.
+BUILD_COMMANDS = {"dist_info", "build", "build_ext", "bdist_wheel", "editable_wheel", "develop",
+                  "install", "bdist_egg"}
 # The vector instruction sets the kernels are written for, best first: the CPU flags they need
 # (as /proc/cpuinfo names them), the compiler flags (those ATen builds its own kernels of that
 # level with) and a program that only compiles where the compiler has them.
@@ -43,8 +80,11 @@ def _compiler_accepts(flags: list[str], body: str) -> bool:
         source = os.path.join(tmp, "probe.cpp")
         with open(source, "w") as f:
             f.write("#include <immintrin.h>\nint main() { " + body + " }\n")
-        result = subprocess.run([compiler, *flags, source, "-o", os.path.join(tmp, "probe")],
-                                capture_output=True)
+        try:
+            result = subprocess.run([compiler, *flags, source, "-o", os.path.join(tmp, "probe")],
+                                    capture_output=True)
+        except OSError:  # no compiler at all: the build itself reports it
+            return False
         return result.returncode == 0
 
 
@@ -53,8 +93,9 @@ def cpu_flags() -> list[str]:
 
     Without them at::vec::Vectorized falls back to scalar code and the kernels run about half as
     fast; AVX-512 (16 lanes) is faster again. The flags target the building machine, like
-    -march=native: build where you run. SHADE_OPS_NATIVE=0 builds without them,
-    SHADE_OPS_ISA=avx2 caps the level at AVX2."""
+    -march=native: build where you run (shade_ops checks the CPU before it loads the kernels, and
+    falls back to the reference backend with a warning on a CPU without them).
+    SHADE_OPS_NATIVE=0 builds without them, SHADE_OPS_ISA=avx2 caps the level at AVX2."""
     # No -std: torch's BuildExtension adds the standard its headers need (C++17 up to torch 2.13,
     # C++20 from 2.14) only when the flags name none.
     flags = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP, inline
@@ -75,28 +116,68 @@ def cpu_flags() -> list[str]:
     return flags
 
 
+def cxx_standard(torch_version: str) -> str:
+    """The -std flag for C++ that includes torch's headers outside BuildExtension (the Makefile's
+    exp-ulp tool): C++20 from torch 2.14 on, which its headers require, C++17 before."""
+    major, minor = (int(part) for part in re.match(r"(\d+)\.(\d+)", torch_version).groups())
+    return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
+
+
+def build_info_flags(torch_version: str) -> list[str]:
+    """The torch version the extension is built against, as a define that csrc/shade_ops.cpp
+    writes into the library (shade_ops/_registry.py reads it from the file before loading it)."""
+    if not re.fullmatch(r"[0-9A-Za-z.+_]+", torch_version):  # a token the preprocessor can quote
+        torch_version = ".".join(torch_version.split(".")[:2])
+    return [f"-DSHADE_OPS_TORCH_VERSION={torch_version}"]
+
+
 def extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    extra = {"cxx": cpu_flags()}
-    with_cuda = cpp_extension.CUDA_HOME is not None and _torch_has_cuda() and cuda_sources \
-        and os.environ.get("SHADE_OPS_CUDA", "1") != "0"
+    extra = {"cxx": cpu_flags() + build_info_flags(torch.__version__)}
+    with_cuda = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None \
+        and cuda_sources and os.environ.get("SHADE_OPS_CUDA", "1") != "0"
     if with_cuda:
-        extra["nvcc"] = ["-O3", "--use_fast_math"]
+        extra["nvcc"] = ["-O3", "--use_fast_math"] + build_info_flags(torch.__version__)
         return cpp_extension.CUDAExtension("shade_ops._C", sources + cuda_sources,
                                            extra_compile_args=extra, extra_link_args=["-fopenmp"])
     return cpp_extension.CppExtension("shade_ops._C", sources, extra_compile_args=extra,
                                       extra_link_args=["-fopenmp"])
 
 
-def _torch_has_cuda() -> bool:
-    import torch
+def build_ext_class():
+    """torch's BuildExtension (ninja), which installs without the extension when it cannot be
+    compiled (no compiler, say): shade_ops then runs on its reference backend and says so."""
 
-    return torch.version.cuda is not None
+    class BuildExtension(cpp_extension.BuildExtension):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("use_ninja", True)
+            super().__init__(*args, **kwargs)
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as error:  # noqa: BLE001  (any compiler or toolchain failure)
+                if os.environ.get("SHADE_OPS_REQUIRE_EXTENSION") == "1":
+                    raise
+                print(f"\nshade_ops: WARNING: the C++ extension shade_ops._C could not be built "
+                      f"({type(error).__name__}: {error}).\nInstalling without it: shade_ops "
+                      f"will run on its reference backend (correct, much slower). For the fused "
+                      f"kernels, install a C++ compiler (g++) and reinstall with "
+                      f"`pip install --no-build-isolation .`; SHADE_OPS_REQUIRE_EXTENSION=1 "
+                      f"makes this an error.\n", file=sys.stderr)
+
+    return BuildExtension
 
 
 if __name__ == "__main__":  # pip and `python setup.py` both run it so; `import setup` does not
-    setup(
-        ext_modules=[extension()],
-        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    )
+    if os.environ.get("SHADE_OPS_NO_EXTENSION") == "1":
+        setup()
+    elif torch is None:
+        # The sdist needs no torch (python -m build --sdist runs egg_info and sdist in its
+        # isolated environment); a build does, and stops here within seconds of starting.
+        if BUILD_COMMANDS.intersection(sys.argv[1:]):
+            sys.exit(NO_TORCH_MESSAGE)
+        setup()
+    else:
+        setup(ext_modules=[extension()], cmdclass={"build_ext": build_ext_class()})

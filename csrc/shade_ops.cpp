@@ -17,13 +17,30 @@
 #define SHADE_OPS_CPU_CAPABILITY "default"
 #endif
 
+// The torch this library was compiled against (setup.py passes it as a token).
+#define SHADE_OPS_STR_(x) #x
+#define SHADE_OPS_STR(x) SHADE_OPS_STR_(x)
+#ifdef SHADE_OPS_TORCH_VERSION
+#define SHADE_OPS_BUILT_FOR SHADE_OPS_STR(SHADE_OPS_TORCH_VERSION)
+#else
+#define SHADE_OPS_BUILT_FOR "unknown"
+#endif
+
+// What shade_ops/_registry.py reads from the library file *before* loading it: a library built for
+// another torch may fail to load or crash, and one built for instructions this CPU lacks would die
+// on an illegal instruction, possibly in its static initialisers.
+extern "C" __attribute__((used, visibility("default"))) const char shade_ops_build_info[] =
+    "shade_ops-build-info:torch=" SHADE_OPS_BUILT_FOR ";isa=" SHADE_OPS_CPU_CAPABILITY ";";
+
 // An importable module, so that `import shade_ops._C` loads the op registrations below; it says
-// which instructions it needs in CPU_CAPABILITY.
+// which instructions it needs in CPU_CAPABILITY and which torch it was built for in
+// TORCH_VERSION.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   PyObject* m = PyModule_Create(&module);
   if (m != nullptr &&
-      PyModule_AddStringConstant(m, "CPU_CAPABILITY", SHADE_OPS_CPU_CAPABILITY) < 0) {
+      (PyModule_AddStringConstant(m, "CPU_CAPABILITY", SHADE_OPS_CPU_CAPABILITY) < 0 ||
+       PyModule_AddStringConstant(m, "TORCH_VERSION", SHADE_OPS_BUILT_FOR) < 0)) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -10,7 +10,11 @@ Imports: ``_registry`` <- ``_triton`` <- ``_ops`` (the backend table), a chain w
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import mmap
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable
 
 import torch
@@ -18,15 +22,23 @@ import torch
 from . import reference
 from ._layout import accumulation_dtype
 
-try:
-    from . import _C  # noqa: F401  (loads the schemas and the CPU kernels into torch.ops.shade_ops)
-except ImportError as error:  # not built: only the reference is available
-    NATIVE_IMPORT_ERROR: ImportError | None = error
-else:
-    NATIVE_IMPORT_ERROR = None
+BUILD_HINT = ("build it against this torch, with a C++ compiler: `pip install "
+              "--no-build-isolation .` from the shade_ops source (`make build` in a checkout)")
+BUILD_INFO_MARK = b"shade_ops-build-info:"
 
-BUILD_HINT = ("build it from the project root with `make build` "
-              "(or `pip install --no-build-isolation -e .`)")
+
+def read_build_info(path: str) -> dict[str, str]:
+    """What csrc/shade_ops.cpp wrote into the library at ``path`` (``torch``: the torch it was
+    compiled against, ``isa``: its instruction set), read from the file without loading it; empty
+    for a library built before it said so."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        start = data.find(BUILD_INFO_MARK)
+        if start < 0:
+            return {}
+        start += len(BUILD_INFO_MARK)
+        end = data.find(b"\0", start, start + 256)
+        text = data[start:end if end >= 0 else start + 256].decode("ascii", "replace")
+    return dict(item.split("=", 1) for item in text.split(";") if "=" in item)
 
 
 def cpu_kernels_unusable(capability: str) -> str | None:
@@ -37,12 +49,40 @@ def cpu_kernels_unusable(capability: str) -> str | None:
                  "avx2": getattr(torch.cpu, "_is_avx2_supported", lambda: True)}
     if capability in supported and not supported[capability]():
         return (f"shade_ops._C was compiled for {capability.upper()}, which this CPU does not "
-                f"have: {BUILD_HINT} on this machine")
+                f"have: {BUILD_HINT} on this machine, or with SHADE_OPS_NATIVE=0 for any x86-64 "
+                f"CPU")
     return None
 
 
-CPU_KERNELS_ERROR = cpu_kernels_unusable(getattr(_C, "CPU_CAPABILITY", "default")) \
-    if NATIVE_IMPORT_ERROR is None else None
+def torch_mismatch(built_for: str, running: str) -> str | None:
+    """Why a library compiled against torch ``built_for`` cannot be loaded by torch ``running``
+    (C++ extensions need the same major.minor release), or None."""
+    if built_for in ("", "unknown") or built_for.split(".")[:2] == running.split(".")[:2]:
+        return None
+    return f"shade_ops._C was built for torch {built_for}, and this is torch {running}: {BUILD_HINT}"
+
+
+def load_native() -> tuple[ModuleType | None, str | None]:
+    """shade_ops._C, checked before it is loaded, or None and why it cannot be used."""
+    spec = importlib.util.find_spec(f"{__package__}._C")
+    if spec is None or spec.origin is None:
+        return None, ("shade_ops._C is not built (installed without a C++ compiler, or a source "
+                      f"checkout that was never built); {BUILD_HINT}")
+    info = read_build_info(spec.origin)
+    why = torch_mismatch(info.get("torch", ""), torch.__version__) \
+        or cpu_kernels_unusable(info.get("isa", ""))
+    if why is not None:
+        return None, why
+    try:
+        module = importlib.import_module(f"{__package__}._C")
+    except ImportError as error:
+        return None, f"shade_ops._C did not load ({error}); {BUILD_HINT}"
+    return module, None
+
+
+# Loading _C registers the schemas and the CPU kernels in torch.ops.shade_ops.
+_C, NATIVE_IMPORT_ERROR = load_native()
+CPU_KERNELS_ERROR = None if _C is None else cpu_kernels_unusable(_C.CPU_CAPABILITY)
 
 
 @dataclass(frozen=True)
