@@ -34,8 +34,7 @@ def _why_unavailable(name: str, device: torch.device) -> str | None:
         return None
     if name == "cpu":
         if NATIVE_OPS is None:
-            return f"the compiled extension shade_ops._C did not load ({NATIVE_IMPORT_ERROR}); " \
-                   + BUILD_HINT
+            return NATIVE_IMPORT_ERROR  # what is missing and how to build it
         if device.type != "cpu":
             return f"backend 'cpu' runs on CPU tensors, and y is on {device}"
         return CPU_KERNELS_ERROR
@@ -80,8 +79,9 @@ def resolve_backend(backend: str, device: torch.device) -> PenaltyOps | None:
         if why is not None:
             if not _warned_fallback:
                 _warned_fallback = True
-                warnings.warn(f"shade_ops: no fused backend for {device} tensors ({why}); using "
-                              f"the eager reference, which is much slower", stacklevel=3)
+                warnings.warn(f"shade_ops: no fused backend for {device} tensors: {why}. Using "
+                              f"the eager reference backend (correct, much slower).",
+                              stacklevel=3)
             return None
     else:
         why = _why_unavailable(backend, device)

@@ -875,9 +875,8 @@ if _registry.NATIVE_OPS is not None:
     CUDA_UNAVAILABLE: str | None = None
 else:
     CUDA_OPS = None
-    CUDA_UNAVAILABLE = (f"the compiled extension shade_ops._C, which declares the ops the Triton "
-                        f"kernels implement, did not load ({_registry.NATIVE_IMPORT_ERROR}); "
-                        f"{_registry.BUILD_HINT}")
+    CUDA_UNAVAILABLE = (f"shade_ops._C declares the ops the Triton kernels implement, and it "
+                        f"cannot be used: {_registry.NATIVE_IMPORT_ERROR}")
 
 # CPU tensors under the interpreter: opaque ops with the schemas of csrc/shade_ops.cpp.
 _SCHEMAS = {

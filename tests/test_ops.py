@@ -356,7 +356,7 @@ def test_kernels_built_for_missing_instructions_are_refused(monkeypatch):
 
 def test_without_extension_auto_warns_once_and_cpu_says_how_to_build(monkeypatch):
     monkeypatch.setattr(_ops, "NATIVE_OPS", None)
-    monkeypatch.setattr(_ops, "NATIVE_IMPORT_ERROR", ImportError("no _C"))
+    monkeypatch.setattr(_ops, "NATIVE_IMPORT_ERROR", "shade_ops._C is not built; " + _ops.BUILD_HINT)
     monkeypatch.setattr(_ops, "_warned_fallback", False)
     y = random_activations((5, 3), seed=1)
     with warnings.catch_warnings(record=True) as caught:
