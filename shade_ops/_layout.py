@@ -23,13 +23,40 @@ def check_choices(reduction: str, backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def check_unit_dim(unit_dim: int, ndim: int | None = None) -> None:
-    """TypeError for a ``unit_dim`` that is not an int; ValueError when out of range for ``ndim``
-    dims."""
+def check_unit_dim(unit_dim: int, ndim: int | None = None,
+                   shape: tuple[int, ...] | None = None) -> None:
+    """TypeError for a ``unit_dim`` that is not an int (a bool, a float, a string); ValueError
+    when out of range for ``ndim`` dims (``shape``, when given, is named in the message)."""
     if isinstance(unit_dim, bool) or not isinstance(unit_dim, int):
-        raise TypeError(f"unit_dim must be an int, got {unit_dim!r}")
+        raise TypeError(f"unit_dim must be an int, got {unit_dim!r} "
+                        f"({type(unit_dim).__name__})")
     if ndim is not None and not -ndim <= unit_dim < ndim:
-        raise ValueError(f"unit_dim={unit_dim} is out of range for a tensor of {ndim} dims")
+        raise ValueError(f"unit_dim={unit_dim} is out of range for a tensor of {ndim} dims"
+                         + (f" (shape {tuple(shape)})" if shape is not None else ""))
+
+
+def check_state_buffers(state: torch.nn.Module, units: int) -> None:
+    """The state's buffers as ``ShadeState`` makes them, whatever replaced them since: TypeError
+    for a buffer that is not a floating-point tensor; ValueError unless ``p`` and ``mu`` share
+    one device and one shape ``(2, num_units)`` (``(2, units)`` is named as the expected shape,
+    ``units`` being y's). Before any kernel runs, which would fail with a RuntimeError of its own
+    (or, for the reference, broadcast). A consistent state of another size is left to the unit
+    count check, whose message says which ``unit_dim`` fits."""
+    for name in ("p", "mu"):
+        buffer = getattr(state, name)
+        if not isinstance(buffer, torch.Tensor) or not buffer.is_floating_point():
+            got = buffer.dtype if isinstance(buffer, torch.Tensor) else type(buffer).__name__
+            raise TypeError(f"the state's {name} must be a floating-point tensor, got {got}")
+    p, mu = state.p, state.mu
+    if mu.device != p.device:
+        raise ValueError(f"the state's p is on {p.device} but its mu on {mu.device}")
+    if p.dim() == 2 and p.shape[0] == 2 and mu.shape == p.shape:
+        return
+    expected = (2, units)
+    wrong = [f"{name} {tuple(t.shape)}" for name, t in (("p", p), ("mu", mu))
+             if tuple(t.shape) != expected]
+    raise ValueError(f"the state's p and mu must both have shape (2, num_units), here {expected} "
+                     f"for y's {units} units; got {' and '.join(wrong)}")
 
 
 def check_inputs(y: torch.Tensor, state: torch.nn.Module, unit_dim: int, reduction: str,
@@ -46,11 +73,8 @@ def check_inputs(y: torch.Tensor, state: torch.nn.Module, unit_dim: int, reducti
                         f"float64 (cast float8 activations to bfloat16 first)")
     if not isinstance(state, ShadeState):
         raise TypeError(f"state must be a shade_ops.ShadeState, got {type(state).__name__}")
-    if isinstance(unit_dim, bool) or not isinstance(unit_dim, int):
-        raise ValueError(f"unit_dim must be an int, got {unit_dim!r}")
-    if not -y.dim() <= unit_dim < y.dim():
-        raise ValueError(f"unit_dim={unit_dim} is out of range for a tensor of {y.dim()} dims "
-                         f"(shape {tuple(y.shape)})")
+    check_unit_dim(unit_dim, y.dim(), y.shape)
+    check_state_buffers(state, y.shape[unit_dim])
     if y.shape[unit_dim] != state.num_units:
         raise ValueError(unit_count_message(y, unit_dim, state.num_units))
     if y.device != state.mu.device:

@@ -104,7 +104,7 @@ BAD_INPUTS = [
     (lambda: torch.ones(()), {"unit_dim": 0}, ValueError, "out of range"),
     (lambda: torch.ones(4, 3), {"reduction": "max"}, ValueError, "reduction"),
     (lambda: torch.ones(4, 3), {"backend": "fast"}, ValueError, "backend"),
-    (lambda: torch.ones(3, 4), {"unit_dim": 0.5}, ValueError, "unit_dim"),
+    (lambda: torch.ones(3, 4), {"unit_dim": 0.5}, TypeError, "unit_dim"),
 ]
 
 

@@ -204,3 +204,80 @@ def test_reference_gradient_is_spec_section_3():
     ds = torch.where(y > 0, torch.exp(-y), torch.zeros_like(y))
     closed = (ds * ((y - mu1) ** 2 - (y - mu0) ** 2) + 2 * (s * (y - mu1) + q * (y - mu0))) / 115
     torch.testing.assert_close(grad, closed.detach())
+
+
+# ---- bad input: one exception type per kind of mistake, before any kernel runs ---------------
+
+def _replaced(name: str, value: torch.Tensor) -> ShadeState:
+    """A 3-unit state with buffer ``name`` replaced (what a load or a hand edit can do)."""
+    state = ShadeState(3)
+    setattr(state, name, value)
+    return state
+
+
+BAD_STATES = [  # (the state, the exception, the message)
+    (lambda: _replaced("mu", torch.zeros(5, 3)), ValueError,
+     r"must both have shape \(2, num_units\), here \(2, 3\) for y's 3 units; got mu \(5, 3\)"),
+    (lambda: _replaced("mu", torch.zeros(2, 5)), ValueError, r"got mu \(2, 5\)"),
+    (lambda: _replaced("mu", torch.zeros(6)), ValueError, r"got mu \(6,\)"),
+    (lambda: _replaced("p", torch.full((2, 5), 0.5)), ValueError,  # ShadeReLU: its site's count
+     r"got p \(2, 5\)|y has 3 units along dim 1 .* but the state has 5"),
+    (lambda: _replaced("mu", torch.zeros(2, 3, dtype=torch.int64)), TypeError,
+     "the state's mu must be a floating-point tensor, got torch.int64"),
+    (lambda: _replaced("p", torch.zeros(2, 3, device="meta")), ValueError,
+     "the state's p is on meta but its mu on cpu"),
+    (lambda: ShadeState(5), ValueError, "y has 3 units along dim 1 .* but the state has 5"),
+]
+
+
+@pytest.mark.parametrize("make_state, error, message", BAD_STATES,
+                         ids=["mu-5x3", "mu-2x5", "mu-1d", "p-2x5", "mu-int", "p-meta",
+                              "another-size"])
+@pytest.mark.parametrize("call", ["penalty", "relu_penalty", "reference", "ShadeReLU"])
+def test_a_state_of_the_wrong_shape_is_a_value_error_and_stays_unchanged(backend, make_state,
+                                                                          error, message, call):
+    """Not the kernel's RuntimeError (or, for the reference, a broadcast): the Python checks
+    catch it, and the state is left as it was."""
+    state = make_state()
+    before = {name: t.clone() for name, t in state.named_buffers()}
+    y = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(error, match=message):
+        if call == "penalty":
+            shade_ops.penalty(y, state, backend=backend)
+        elif call == "relu_penalty":
+            shade_ops.relu_penalty(y, state, backend=backend)
+        elif call == "reference":
+            reference.penalty(y, state)
+        else:
+            act = shade_ops.ShadeReLU(3, backend=backend)
+            act.state = state
+            act(y)
+    for name, t in state.named_buffers():
+        assert t.device.type == "meta" or torch.equal(t, before[name]), f"{name} changed"
+
+
+@pytest.mark.parametrize("unit_dim", ["1", 1.0, True, None, torch.tensor(1)],
+                         ids=["str", "float", "bool", "None", "tensor"])
+def test_a_unit_dim_of_the_wrong_type_is_a_type_error_everywhere(unit_dim):
+    y = torch.randn(4, 3)
+    state = ShadeState(3)
+    before = {name: t.clone() for name, t in state.named_buffers()}
+    for call in (shade_ops.penalty, shade_ops.relu_penalty, reference.penalty,
+                 reference.relu_penalty):
+        with pytest.raises(TypeError, match=r"unit_dim must be an int, got"):
+            call(y, state, unit_dim=unit_dim)
+    if unit_dim is not None:  # None is ShadeReLU's "choose for me"
+        with pytest.raises(TypeError, match="unit_dim must be an int"):
+            shade_ops.ShadeReLU(unit_dim=unit_dim)
+        act = shade_ops.ShadeReLU(3)
+        act.unit_dim = unit_dim  # set after construction: checked at the forward
+        with pytest.raises(TypeError, match="unit_dim must be an int"):
+            act(y)
+    for name, t in state.named_buffers():
+        assert torch.equal(t, before[name])
+
+
+def test_a_unit_dim_out_of_range_stays_a_value_error():
+    with pytest.raises(ValueError, match=r"unit_dim=2 is out of range for a tensor of 2 dims "
+                                         r"\(shape \(4, 3\)\)"):
+        shade_ops.penalty(torch.randn(4, 3), ShadeState(3), unit_dim=2)

@@ -10,5 +10,6 @@ package uses only the library's public functions and ``shade_ops.modules``.
     architectures  the comparison across architectures
     information    binned per-unit entropies and mutual information of SHADE layers
     mechanism      the paper's Fig. 3 mechanism measurements
+    files          atomic writes: every report, plot and metrics file
     cli            ``python -m shade_ops`` / ``shade-ops``
 """

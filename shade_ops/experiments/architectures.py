@@ -6,21 +6,26 @@ and SHADE+dropout on the four architectures, trained on one training set.
 
 Each architecture is one :func:`~shade_ops.experiments.training.sweep` at one size (the whole training
 split by default), so seeds pair the regularizers exactly as in Fig. 2a and any hyper-parameter
-grid of more than one value is chosen on the validation split.
+grid of more than one value is chosen on the validation split. Stopped by Ctrl-C, it raises
+:class:`~shade_ops.experiments.training.Interrupted` with the report of the runs done, which
+:func:`write_architectures_report` writes as a partial report.
 """
 from __future__ import annotations
 
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-from .training import _LABELS, REGULARIZERS, SweepConfig, _at_grid_edge, _environment, sweep
+from .files import write_text
+from .models import MODELS
+from .training import (_LABELS, REGULARIZERS, Interrupted, SweepConfig, _at_grid_edge,
+                       _environment, sweep)
 
-__all__ = ["ArchitecturesConfig", "architectures", "architectures_table",
-           "write_architectures_report"]
+__all__ = ["ArchitecturesConfig", "architectures", "architectures_table", "report_paths",
+           "runs_done", "write_architectures_report"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,18 @@ class ArchitecturesConfig:
     regularizers: tuple[str, ...] = REGULARIZERS
     backend: str = "auto"
 
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("models must not be empty")
+        for model in self.models:
+            if model not in MODELS:
+                raise ValueError(f"unknown model {model!r}; choose among {', '.join(MODELS)}")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or \
+                self.samples < 1:
+            raise ValueError(f"samples must be an int >= 1, got {self.samples!r}")
+        for model in self.models:  # every sweep's own checks, before the first model trains
+            self.sweep_config(model)
+
     @classmethod
     def quick(cls, **overrides) -> ArchitecturesConfig:
         """About a minute: digits-m, 200 images, one seed, one epoch, baseline, dropout and
@@ -72,17 +89,51 @@ class ArchitecturesConfig:
 def architectures(config: ArchitecturesConfig, *, progress: bool = False,
                   cache: str | None = None, root: str | None = None,
                   on_model_done: Callable[[dict], None] | None = None) -> dict:
-    """One sweep per model; returns ``{"config", "models": {model: sweep report}, "seconds"}``."""
+    """One sweep per model; returns ``{"config", "models": {model: sweep report}, "seconds"}``.
+
+    Raises:
+        Interrupted: on Ctrl-C, with the report of the models done and, under ``"stopped"``,
+            the sweep report of the model it stopped in (``{"model", "report"}``).
+    """
     started = time.perf_counter()
     report = {"config": asdict(config), **_environment(), "models": {}}
-    for model in config.models:
-        report["models"][model] = sweep(config.sweep_config(model), progress=progress,
-                                        cache=cache, root=root)
+    model = None
+    try:
+        for model in config.models:
+            report["models"][model] = sweep(config.sweep_config(model), progress=progress,
+                                            cache=cache, root=root)
+            report["seconds"] = time.perf_counter() - started
+            if on_model_done is not None:
+                on_model_done(report)
+    except KeyboardInterrupt as stop:
         report["seconds"] = time.perf_counter() - started
-        if on_model_done is not None:
-            on_model_done(report)
+        if isinstance(stop, Interrupted) and model not in report["models"]:
+            report["stopped"] = {"model": model, "report": stop.report}
+        raise Interrupted(report) from None
     report["seconds"] = time.perf_counter() - started
     return report
+
+
+def runs_done(report: dict) -> int:
+    """The runs an architectures report holds, those of the model it was stopped in too."""
+    stopped = report.get("stopped")
+    return (sum(len(sub["runs"]) for sub in report["models"].values())
+            + (len(stopped["report"]["runs"]) if stopped else 0))
+
+
+def _missing(report: dict) -> list[str]:
+    """The models of the report's config that its table lacks, with the runs of each done."""
+    names = {f.name for f in fields(ArchitecturesConfig)}
+    config = ArchitecturesConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                    for k, v in report["config"].items() if k in names})
+    stopped = report.get("stopped") or {}
+    missing = []
+    for model in config.models:
+        if model not in report["models"]:
+            done = len(stopped["report"]["runs"]) if stopped.get("model") == model else 0
+            missing.append(f"{model} ({done} of {config.sweep_config(model).run_count()} runs "
+                           f"done)")
+    return missing
 
 
 def architectures_table(report: dict) -> str:
@@ -131,12 +182,18 @@ def architectures_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_paths(out_dir: str | Path, tag: str) -> dict[str, Path]:
+    """Where :func:`write_architectures_report` writes the report of ``tag``."""
+    return {ext: Path(out_dir) / f"architectures_{tag}.{ext}" for ext in ("json", "md")}
+
+
 def write_architectures_report(report: dict, out_dir: str | Path, tag: str) -> dict[str, Path]:
-    """``architectures_<tag>.json`` and ``.md`` in ``out_dir``; returns their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out / f"architectures_{tag}.{ext}" for ext in ("json", "md")}
-    paths["json"].write_text(json.dumps(report, indent=1) + "\n")
+    """``architectures_<tag>.json`` and ``.md`` in ``out_dir``, each written atomically; returns
+    their paths. The report of a run stopped before some models says so in its header."""
+    paths = report_paths(out_dir, tag)
+    missing = _missing(report)
+    write_text(paths["json"], json.dumps({**report, "missing": missing} if missing else report,
+                                         indent=1) + "\n")
     c = report["config"]
     facts = (f"`shade-ops architectures`: {c['dataset']}, {c['samples']} training images, "
              f"models {list(c['models'])} at widths {c['widths']}, seeds {list(c['seeds'])}, "
@@ -145,9 +202,9 @@ def write_architectures_report(report: dict, out_dir: str | Path, tag: str) -> d
              f"decay {list(c['weight_decays'])}, dropout {list(c['dropouts'])} (grids of one "
              f"value are fixed, not chosen); {report.get('seconds', 0) / 60:.1f} min on "
              f"{report.get('threads', '?')} thread(s) (torch {report.get('torch', '?')}).")
-    missing = [m for m in c["models"] if m not in report["models"]]
     if missing:  # a run stopped early: its report holds the models done so far
-        facts += (f" **Not run** (the run was stopped before them): {', '.join(missing)}.")
-    paths["md"].write_text("\n".join([f"# Table 1 on the data that is here ({tag})", "", facts,
-                                      "", architectures_table(report)]))
+        facts = (f"**Partial report**: the run was stopped after {runs_done(report)} runs; "
+                 f"missing from the table: {', '.join(missing)}.\n\n" + facts)
+    write_text(paths["md"], "\n".join([f"# Table 1 on the data that is here ({tag})", "", facts,
+                                       "", architectures_table(report)]))
     return paths

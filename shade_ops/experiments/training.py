@@ -5,6 +5,10 @@
     result = sweep(SweepConfig())            # sizes x regularizers x seeds, chosen on validation
     write_report(result, "benchmarks/results", "2026-11-28")   # .json, .md table, .png plot
 
+A sweep stopped by Ctrl-C raises :class:`Interrupted`, which holds the report of the runs done
+(``write_report`` marks such a report partial and lists what is missing). Reports are written
+atomically (``files.py``).
+
 Every run of a seed trains on the same stratified subset of the training split from the same
 initial weights, whatever the regularizer, so regularizers are compared pairwise. Hyper-parameters
 (beta, weight decay, dropout rate) are chosen per training size by the mean validation accuracy
@@ -18,7 +22,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,11 +32,13 @@ import torch.nn.functional as F
 
 from .. import __version__
 from .data import Dataset, Split, load_dataset
+from .files import save_figure, write_text
 from .models import build_model
 from ..modules import collect, convert
 
-__all__ = ["REGULARIZERS", "SweepConfig", "TrainConfig", "check_splits", "markdown_table",
-           "merge_reports", "plot", "sweep", "train", "write_report"]
+__all__ = ["REGULARIZERS", "Interrupted", "SweepConfig", "TrainConfig", "check_splits",
+           "markdown_table", "merge_reports", "missing_runs", "plot", "report_paths", "sweep",
+           "train", "write_report"]
 
 REGULARIZERS = ("none", "wd", "dropout", "shade", "shade+dropout")
 _LABELS = {"none": "Baseline", "wd": "Weight decay", "dropout": "Dropout", "shade": "SHADE",
@@ -68,8 +74,10 @@ class TrainConfig:
         if self.regularizer not in REGULARIZERS:
             raise ValueError(f"unknown regularizer {self.regularizer!r}; choose one of "
                              f"{', '.join(REGULARIZERS)}")
-        if self.samples is not None and self.samples < 1:
-            raise ValueError(f"samples must be positive, got {self.samples}")
+        _check_counts(self, positive=("samples", "steps", "batch_size", "width"),
+                      natural=("epochs", "min_steps", "seed", "data_seed"))
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
 
     @property
     def uses_shade(self) -> bool:
@@ -82,6 +90,27 @@ class TrainConfig:
         return {"beta": self.beta if self.uses_shade else 0.0,
                 "weight_decay": self.weight_decay if reg == "wd" else 0.0,
                 "dropout": self.dropout if reg.endswith("dropout") else 0.0}
+
+
+def _check_counts(config, positive: tuple[str, ...] = (), natural: tuple[str, ...] = ()) -> None:
+    """ValueError for a field of ``positive`` that is not None or an int >= 1, or of ``natural``
+    that is not an int >= 0: before any training, never at its first use."""
+    for names, low in ((positive, 1), (natural, 0)):
+        for name in names:
+            value = getattr(config, name)
+            if value is None and low == 1:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+class Interrupted(KeyboardInterrupt):
+    """A sweep stopped by Ctrl-C (SIGINT): ``report`` holds the runs done so far (its
+    ``results`` the sizes finished). A KeyboardInterrupt, so that it stops callers as one."""
+
+    def __init__(self, report: dict) -> None:
+        super().__init__("the sweep was interrupted")
+        self.report = report
 
 
 # Training images layer_information measures at each epoch when TrainConfig.information is on.
@@ -275,6 +304,22 @@ class SweepConfig:
                     dropouts=(0.25, 0.5))
         return cls(**{**base, **overrides})
 
+    def __post_init__(self) -> None:
+        for regularizer in self.regularizers:
+            if regularizer not in REGULARIZERS:
+                raise ValueError(f"unknown regularizer {regularizer!r}; choose among "
+                                 f"{', '.join(REGULARIZERS)}")
+        for name in ("sizes", "seeds", "regularizers"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty")
+        for regularizer in self.regularizers:
+            if not self.grid(regularizer):
+                raise ValueError(f"{regularizer} is in the sweep but its grid is empty")
+        for size in self.sizes:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"every size must be an int >= 1, got {size!r}")
+        _check_counts(self, positive=("width", "batch_size"), natural=("epochs", "min_steps"))
+
     def grid(self, regularizer: str) -> list[dict[str, float]]:
         """The hyper-parameter settings tried for ``regularizer`` (shade+dropout's dropout rate
         is the one chosen for dropout at the same size)."""
@@ -292,10 +337,12 @@ class SweepConfig:
 def sweep(config: SweepConfig, *, progress: bool = False, cache: str | None = None,
           root: str | None = None, on_size_done: Callable[[dict], None] | None = None) -> dict:
     """Run the sweep; returns ``{"config", "runs", "results", "seconds", ...}`` where
-    ``results[size][regularizer]`` holds the chosen hyper-parameters and the test accuracies."""
-    for regularizer in config.regularizers:
-        if regularizer not in REGULARIZERS:
-            raise ValueError(f"unknown regularizer {regularizer!r}")
+    ``results[size][regularizer]`` holds the chosen hyper-parameters and the test accuracies.
+
+    Raises:
+        Interrupted: on Ctrl-C (a KeyboardInterrupt during a run), with the report of the runs
+            done so far.
+    """
     started, cpu_started = time.perf_counter(), time.process_time()
     data = load_dataset(config.dataset, seed=config.data_seed, root=root, cache=cache)
     check_splits(data, max(config.sizes, default=None))  # before any run, not at the first too big
@@ -310,37 +357,63 @@ def sweep(config: SweepConfig, *, progress: bool = False, cache: str | None = No
     results: dict[str, dict] = {}
     report = {"config": asdict(config), **_environment(), "runs": runs, "results": results}
 
-    for size in config.sizes:
-        chosen: dict[str, dict] = {}
-        for regularizer in config.regularizers:
-            settings = config.grid(regularizer)
-            if regularizer == "shade+dropout" and "dropout" in chosen:
-                settings = [{**s, "dropout": chosen["dropout"]["params"]["dropout"]}
-                            for s in settings]
-            candidates = []
-            for params in settings:
-                metrics = []
-                for seed in config.seeds:
-                    run_config = replace(base, samples=size, regularizer=regularizer, seed=seed,
-                                         **params)
-                    metrics.append(train(run_config, data))
-                    runs.append({"size": size, "regularizer": regularizer, "seed": seed,
-                                 "params": params, **_run_summary(metrics[-1])})
-                    if bar is not None:
-                        bar.set_postfix(size=size, reg=regularizer, refresh=False)
-                        bar.update(1)
-                candidates.append((params, metrics))
-            chosen[regularizer] = _choose(candidates)
-        results[str(size)] = chosen
-        report["seconds"] = time.perf_counter() - started
-        report["cpu_seconds"] = time.process_time() - cpu_started
-        if on_size_done is not None:
-            on_size_done(report)
-    if bar is not None:
-        bar.close()
+    try:
+        for size in config.sizes:
+            results[str(size)] = _sweep_size(config, base, data, size, runs, bar)
+            report["seconds"] = time.perf_counter() - started
+            report["cpu_seconds"] = time.process_time() - cpu_started
+            if on_size_done is not None:
+                on_size_done(report)
+    except KeyboardInterrupt:
+        report.update(seconds=time.perf_counter() - started,
+                      cpu_seconds=time.process_time() - cpu_started)
+        raise Interrupted(report) from None
+    finally:
+        if bar is not None:
+            bar.close()
     report.update(seconds=time.perf_counter() - started,
                   cpu_seconds=time.process_time() - cpu_started)
     return report
+
+
+def _sweep_size(config: SweepConfig, base: TrainConfig, data: Dataset, size: int,
+                runs: list[dict], bar) -> dict[str, dict]:
+    """Every run of one training size (appended to ``runs`` as each ends); returns the chosen
+    setting of each regularizer."""
+    chosen: dict[str, dict] = {}
+    for regularizer in config.regularizers:
+        settings = config.grid(regularizer)
+        if regularizer == "shade+dropout" and "dropout" in chosen:
+            settings = [{**s, "dropout": chosen["dropout"]["params"]["dropout"]}
+                        for s in settings]
+        candidates = []
+        for params in settings:
+            metrics = []
+            for seed in config.seeds:
+                run_config = replace(base, samples=size, regularizer=regularizer, seed=seed,
+                                     **params)
+                metrics.append(train(run_config, data))
+                runs.append({"size": size, "regularizer": regularizer, "seed": seed,
+                             "params": params, **_run_summary(metrics[-1])})
+                if bar is not None:
+                    bar.set_postfix(size=size, reg=regularizer, refresh=False)
+                    bar.update(1)
+            candidates.append((params, metrics))
+        chosen[regularizer] = _choose(candidates)
+    return chosen
+
+
+def missing_runs(report: dict) -> list[str]:
+    """The sizes of the report's config that its table lacks (a sweep stopped before them),
+    each with the runs of it that were done, e.g. ``["250 (4 of 26 runs done)", ...]``; empty
+    for a finished sweep."""
+    config = report["config"]
+    per_size = _sweep_config(config).run_count() // max(len(config["sizes"]), 1)
+    done: dict[int, int] = {}
+    for run in report["runs"]:
+        done[run["size"]] = done.get(run["size"], 0) + 1
+    return [f"{size} ({done.get(size, 0)} of {per_size} runs done)"
+            for size in config["sizes"] if str(size) not in report["results"]]
 
 
 def merge_reports(reports: list[dict]) -> dict:
@@ -517,18 +590,24 @@ def plot(report: dict, path: str | Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
+
+
+def report_paths(out_dir: str | Path, tag: str) -> dict[str, Path]:
+    """Where :func:`write_report` writes the report of ``tag``."""
+    return {ext: Path(out_dir) / f"reproduce_{tag}.{ext}" for ext in ("json", "md", "png")}
 
 
 def write_report(report: dict, out_dir: str | Path, tag: str,
                  reading: str | None = None) -> dict[str, Path]:
     """``reproduce_<tag>.json``, ``.md`` (the table, the run's facts, ``reading`` when given) and
-    ``.png`` in ``out_dir``; returns their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out / f"reproduce_{tag}.{ext}" for ext in ("json", "md", "png")}
-    paths["json"].write_text(json.dumps(report, indent=1) + "\n")
+    ``.png`` in ``out_dir``, each written atomically; returns their paths. The report of a sweep
+    stopped before some of its sizes says so in its header (and ``"missing"`` in the JSON)."""
+    paths = report_paths(out_dir, tag)
+    missing = missing_runs(report)
+    write_text(paths["json"], json.dumps({**report, "missing": missing} if missing else report,
+                                         indent=1) + "\n")
     plot(report, paths["png"])
     config = report["config"]
     facts = (f"`shade-ops reproduce`: {config['dataset']}, {config['model']} (width "
@@ -544,10 +623,26 @@ def write_report(report: dict, out_dir: str | Path, tag: str,
                 f"{report['wall_seconds'] / 60:.1f} min for the longest "
                 if "processes" in report else "") +
              f"(torch {report.get('torch', '?')}, {report.get('machine', '?')}).")
+    if missing:
+        facts = (f"**Partial report**: the run was stopped after {len(report['runs'])} of "
+                 f"{len(report['runs']) + _left(report)} runs; missing from the table: sizes "
+                 f"{', '.join(missing)}.\n\n" + facts)
     text = [f"# Limited-samples reproduction ({tag})", "", facts, "",
             f"![test accuracy against training samples](reproduce_{tag}.png)", "",
             markdown_table(report)]
     if reading:
         text += ["", reading.strip(), ""]
-    paths["md"].write_text("\n".join(text))
+    write_text(paths["md"], "\n".join(text))
     return paths
+
+
+def _left(report: dict) -> int:
+    """The runs of the report's config that it does not hold."""
+    return _sweep_config(report["config"]).run_count() - len(report["runs"])
+
+
+def _sweep_config(config: dict) -> SweepConfig:
+    """The SweepConfig of a report's ``config`` (its fields only: reports of older versions)."""
+    names = {f.name for f in fields(SweepConfig)}
+    return SweepConfig(**{k: tuple(v) if isinstance(v, list) else v
+                          for k, v in config.items() if k in names})
