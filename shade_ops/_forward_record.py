@@ -47,9 +47,11 @@ class Forward:
     ``(layer, penalty)`` in call order; ``updates``: ``(ops, state, sums)`` to apply at the end.
     """
 
-    def __init__(self, model: nn.Module, variable_calls: bool) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.model: nn.Module | None = model
-        self.variable_calls = variable_calls
+        self.variable_calls: bool = model._shade_ops_variable_calls
+        # the model's number of calls of each layer, fixed by its first training forward
+        self.counts: dict[nn.Module, int] = model._shade_ops_calls
         self.sites: dict[nn.Module, int] = {}
         self.penalties: list[tuple[nn.Module, torch.Tensor]] = []
         self.updates: list[tuple] = []
@@ -106,7 +108,7 @@ def begin_forward(model: nn.Module, args) -> None:
             "penalties of the last forward only: with several forwards before one backward "
             "(siamese models, several crops), call collect after each forward and add them up. "
             "(This warning is shown once.)", stacklevel=2)
-    opened.append(Forward(model, model._shade_ops_variable_calls))
+    opened.append(Forward(model))
 
 
 def abandon() -> None:
@@ -145,11 +147,16 @@ def end_forward(model: nn.Module, args, output) -> None:
         return
     if not record.variable_calls:
         for layer, calls in record.sites.items():
-            if calls != layer._num_sites():
+            fixed = record.counts.get(layer)
+            if fixed is None and layer._sites_from == "checkpoint":
+                fixed = layer._num_sites()
+            if fixed is not None and calls != fixed:
                 raise RuntimeError(call_count_message(model, layer, calls, during=False))
+        for layer, calls in record.sites.items():  # the model's first forward with it fixes it
+            record.counts.setdefault(layer, calls)
     for layer in record.sites:
-        if not layer._established:
-            layer._established = True
+        if layer._sites_from != "forward":
+            layer._sites_from = "forward"
     if torch.compiler.is_compiling():
         for update in record.updates:
             apply_update(*update)
@@ -170,6 +177,10 @@ def end_forward(model: nn.Module, args, output) -> None:
             f"shade_ops.convert_fx(model). (This warning is shown once.)", stacklevel=2)
 
 
+def _times(n: int) -> str:
+    return "once" if n == 1 else f"{n} times"
+
+
 def qualified_name(model: nn.Module | None, layer: nn.Module) -> str:
     if model is not None:
         for name, module in model.named_modules():
@@ -181,16 +192,19 @@ def qualified_name(model: nn.Module | None, layer: nn.Module) -> str:
 def call_count_message(model: nn.Module, layer: nn.Module, calls: int, during: bool) -> str:
     """Why a forward whose number of calls of ``layer`` differs from its call sites is refused,
     and what to do."""
-    sites = layer._num_sites()
-    called = f"more than {sites} times" if during else f"{calls} times"
+    fixed = model._shade_ops_calls.get(layer)
+    if fixed is not None:
+        reason = f"the first training forward of this model called it {_times(fixed)}"
+    else:
+        reason = f"it has the {layer._num_sites()} call sites of the checkpoint it was loaded from"
+    called = f"more than {_times(fixed or layer._num_sites())}" if during else _times(calls)
     return (
         f"shade_ops: in this forward of the {type(model).__name__}, its "
-        f"{type(layer).__name__} '{qualified_name(model, layer)}' was called {called}, but it "
-        f"has states for {sites} call sites (the number of calls of the forward that sized it, "
-        f"or of the checkpoint it was loaded from). A layer is a call site: when the number of "
-        f"calls changes from forward to forward, the k-th call is not the same layer each time "
-        f"and would train another layer's state, so this forward updated no state. Give each "
-        f"place its own module (an nn.ReLU() per place), use shade_ops.convert_fx(model) where "
-        f"the forward traces (a ShadeReLU per call site of the graph), or accept it with "
-        f"shade_ops.track(model, variable_calls=True) (or convert(..., variable_calls=True)): "
-        f"the k-th call of every forward then uses call site k's state.")
+        f"{type(layer).__name__} '{qualified_name(model, layer)}' was called {called}, but "
+        f"{reason}. A layer is a call site: when the number of calls changes, the k-th call is "
+        f"not the same layer each time and would train another layer's state, so this forward "
+        f"updated no state. Give each place its own module (an nn.ReLU() per place), use "
+        f"shade_ops.convert_fx(model) where the forward traces (a ShadeReLU per call site of "
+        f"the graph), or accept it with shade_ops.track(model, variable_calls=True) (or "
+        f"convert(..., variable_calls=True)): the k-th call of every forward then uses call "
+        f"site k's state.")

@@ -11,6 +11,8 @@ that tracks each copy again (and pickles as that subclass).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -43,8 +45,9 @@ class _TrackedGraphModule(fx.GraphModule):
     """A GraphModule whose copies (``copy.deepcopy``, pickle, ``torch.save``) are tracked too."""
 
     def __deepcopy__(self, memo) -> fx.GraphModule:
-        copied = super().__deepcopy__(memo)
-        return track(copied, variable_calls=self._shade_ops_variable_calls)
+        copied = track(super().__deepcopy__(memo), variable_calls=self._shade_ops_variable_calls)
+        copied._shade_ops_calls = copy.deepcopy(self._shade_ops_calls, memo)  # its layers' copies
+        return copied
 
     def __reduce__(self):
         rebuild, args = super().__reduce__()

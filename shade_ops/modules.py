@@ -55,9 +55,10 @@ class _ShadeLayer(nn.Module):
         self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
         self.state = self._new_state(num_units) if num_units is not None else None
         self.extra_states = nn.ModuleList()
-        # Whether the number of call sites is fixed: by a completed training forward of a tracked
-        # model, or by a checkpoint. Until then a new call creates a site.
-        self._established = False
+        # What made the call sites: None (a new call makes one), "checkpoint" (they are the
+        # checkpoint's until a forward has run) or "forward" (a completed training forward of a
+        # tracked model, which also fixed that model's number of calls; see _forward_record).
+        self._sites_from: str | None = None
         # (model type, name in it) once track() saw this layer in a model: a training call with
         # no forward of a tracked model open is then a part called on its own.
         self._tracked: tuple[str, str] | None = None
@@ -123,11 +124,19 @@ class _ShadeLayer(nn.Module):
         if state is not None:
             unit_dim = self._resolve_unit_dim(y, state.num_units)
             if y.shape[unit_dim] != state.num_units:
-                where = f" at its call site {site}" if self.extra_states else ""
-                raise ValueError(f"{type(self).__name__}{where}: "
-                                 + unit_count_message(y, unit_dim, state.num_units))
+                message = unit_count_message(y, unit_dim, state.num_units)
+                if self.extra_states:
+                    message = (f" at its call site {site} (its call {site + 1} in this "
+                               f"forward): {message} Or the number of calls of this module "
+                               f"changed from forward to forward, which renumbers its call "
+                               f"sites: give each place its own module, or see "
+                               f"shade_ops.track(variable_calls=).")
+                else:
+                    message = ": " + message
+                raise ValueError(f"{type(self).__name__}{message}")
             return state, unit_dim
-        if self._established and record is not None and not record.variable_calls:
+        if record is not None and not record.variable_calls and (
+                self in record.counts or self._sites_from == "checkpoint"):
             model = record.model
             _forward_record.abandon()
             raise RuntimeError(_forward_record.call_count_message(model, self, site + 1,
@@ -144,10 +153,11 @@ class _ShadeLayer(nn.Module):
         # A layer whose call sites are not fixed yet takes them, and their sizes, from the
         # checkpoint, as LazyBatchNorm takes its size; one whose sites are fixed loads as any
         # module: the checkpoint's other sites are unexpected keys, its missing ones missing.
-        if not self._established:
+        if self._sites_from is None:
             while (saved := state_dict.get(_site_key(prefix, self._num_sites()))) is not None:
                 self._add_site(self._new_state(saved.shape[1]))
-            self._established = _site_key(prefix, 0) in state_dict
+            if _site_key(prefix, 0) in state_dict:
+                self._sites_from = "checkpoint"
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- the penalties --------------------------------------------------------------------
@@ -365,6 +375,8 @@ def track(model: nn.Module, *, variable_calls: bool = False) -> nn.Module:
         if isinstance(layer, _ShadeLayer):
             layer._tracked = (type(model).__name__, name)
     model._shade_ops_variable_calls = bool(variable_calls)
+    if not isinstance(getattr(model, "_shade_ops_calls", None), dict):
+        model._shade_ops_calls = {}  # see _forward_record.Forward.counts
     if not isinstance(getattr(model, "_shade_ops_last", None), _forward_record.LastForward):
         model._shade_ops_last = _forward_record.LastForward()
     if _forward_record.begin_forward not in model._forward_pre_hooks.values():
