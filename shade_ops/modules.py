@@ -10,6 +10,7 @@ updates held until the forward ends and every layer's number of calls matched it
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Callable
 
@@ -23,6 +24,8 @@ from .functional import run as _run
 from .state import ShadeState
 
 __all__ = ["ShadePenalty", "ShadeReLU", "attach", "call_sites", "collect", "convert", "track"]
+
+_NEW_SITES = threading.Lock()
 
 
 class _ShadeLayer(nn.Module):
@@ -121,33 +124,40 @@ class _ShadeLayer(nn.Module):
         else:
             extra = self.extra_states
             state = extra[site - 1] if site <= len(extra) else None
-        if state is not None:
-            unit_dim = self._resolve_unit_dim(y, state.num_units)
-            if y.shape[unit_dim] != state.num_units:
-                message = unit_count_message(y, unit_dim, state.num_units)
-                if self.extra_states:
-                    message = (f" at its call site {site} (its call {site + 1} in this "
-                               f"forward): {message} Or the number of calls of this module "
-                               f"changed from forward to forward, which renumbers its call "
-                               f"sites: give each place its own module, or see "
-                               f"shade_ops.track(variable_calls=).")
-                else:
-                    message = ": " + message
-                raise ValueError(f"{type(self).__name__}{message}")
-            return state, unit_dim
-        if record is not None and not record.variable_calls and (
-                self in record.counts or self._sites_from == "checkpoint"):
-            model = record.model
-            _forward_record.abandon()
-            raise RuntimeError(_forward_record.call_count_message(model, self, site + 1,
-                                                                  during=True))
+        if state is None:
+            if record is not None and not record.variable_calls and (
+                    self in record.counts or self._sites_from == "checkpoint"):
+                model = record.model
+                _forward_record.abandon()
+                raise RuntimeError(_forward_record.call_count_message(model, self, site + 1,
+                                                                      during=True))
+            state = self._new_site(y, site)
+        unit_dim = self._resolve_unit_dim(y, state.num_units)
+        if y.shape[unit_dim] != state.num_units:
+            message = unit_count_message(y, unit_dim, state.num_units)
+            if self.extra_states:
+                message = (f" at its call site {site} (its call {site + 1} in this "
+                           f"forward): {message} Or the number of calls of this module "
+                           f"changed from forward to forward, which renumbers its call "
+                           f"sites: give each place its own module, or see "
+                           f"shade_ops.track(variable_calls=).")
+            else:
+                message = ": " + message
+            raise ValueError(f"{type(self).__name__}{message}")
+        return state, unit_dim
+
+    def _new_site(self, y: torch.Tensor, site: int) -> ShadeState:
         unit_dim = self._resolve_unit_dim(y, self.num_units)
         if self.num_units is not None and y.shape[unit_dim] != self.num_units:
             raise ValueError(f"{type(self).__name__}(num_units={self.num_units}) at its call "
                              f"site {site}: " + unit_count_message(y, unit_dim, self.num_units))
-        state = self._new_state(y.shape[unit_dim])
-        self._add_site(state)
-        return state, unit_dim
+        if torch.compiler.is_compiling():
+            self._add_site(self._new_state(y.shape[unit_dim]))
+            return self.states[site]
+        with _NEW_SITES:  # two threads' first forwards: one state per site
+            if site == self._num_sites():
+                self._add_site(self._new_state(y.shape[unit_dim]))
+            return self.states[site]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A layer whose call sites are not fixed yet takes them, and their sizes, from the
