@@ -245,6 +245,46 @@ def test_a_block_of_a_converted_model_called_on_its_own():
     assert shade_ops.call_sites(outer) == {"0.1": [4], "1": [4]}
 
 
+def test_a_tracked_block_inside_a_tracked_model_gives_its_share():
+    torch.manual_seed(0)
+    block = shade_ops.convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    model = shade_ops.convert(nn.Sequential(block, nn.Linear(4, 5), nn.ReLU()))
+    x = random_activations((6, 4), seed=0)
+    inputs = relu_inputs(model, x)
+    expected = [reference.penalty(y, s) for y, s in zip(inputs, fresh_states(inputs))]
+    model(x)
+    assert_close(shade_ops.collect(block), expected[0], torch.float32, "penalty", "block")
+    assert_close(shade_ops.collect(model), expected[0] + expected[1], torch.float32, "penalty")
+
+
+def test_a_forward_that_raises_updates_nothing():
+    class Failing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x, fail=False):
+            h = self.act(self.fc(x))
+            if fail:
+                raise KeyError("a later layer failed")
+            return h
+
+    model = shade_ops.convert(Failing())
+    x = random_activations((6, 4), seed=0)
+    model(x)
+    shade_ops.collect(model)
+    before = states_of(model)
+    with pytest.raises(KeyError):
+        model(x, fail=True)
+    assert all(torch.equal(a, b) for a, b in zip(states_of(model), before))
+    assert shade_ops.collect(model).item() == 0.0
+    alone = ShadeReLU()  # no record was left open: a layer of no model is on its own
+    alone(x)
+    assert not torch.equal(alone.state.mu, ShadeState(4).mu)
+    model(x)
+    assert shade_ops.call_sites(model) == {"act": [4]}
+
+
 # ---- strict loading ---------------------------------------------------------------------------
 
 class Repeat(nn.Module):
