@@ -3,11 +3,12 @@
 A tracked model's forward opens a record in the calling thread (its forward pre-hook, which
 ``modules.track`` registers). A SHADE layer called while it is open takes call site k on its k-th
 call in that record, leaves its penalty there and defers its state update to it. The model's
-forward hook closes the record: when every layer was called as many times as it has call sites
-(or the model accepts a variable number of calls), the updates are applied and the record becomes
-the model's last forward, which ``collect`` reads; otherwise none is applied and a RuntimeError
-names the layer. Deferring changes no value: each call site is called once per forward, and its
-penalty uses its state from before the forward either way.
+forward hook closes the record: when every layer was called as many times as in the model's
+first training forward (or the model accepts a variable number of calls), the updates are applied
+and the record becomes the model's last forward, which ``collect`` reads; otherwise none is
+applied and a RuntimeError names the layer. Deferring changes no value: each call site is called
+once per forward, its penalty uses its state from before the forward either way, and the batch
+sums an update takes do not depend on the state.
 
 Everything lives in the calling thread (``threading.local``), so two threads running one model
 number their calls apart, and in plain attributes and module-level hooks, which ``copy.deepcopy``
