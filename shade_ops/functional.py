@@ -12,7 +12,9 @@ from .state import ShadeState
 __all__ = ["penalty", "relu_penalty"]
 
 
-def _update(ops: PenaltyOps | None, state: ShadeState, sums: torch.Tensor) -> None:
+def apply_update(ops: PenaltyOps | None, state: ShadeState, sums: torch.Tensor) -> None:
+    """Algorithm 1's update of ``state`` with a batch's ``(4, C)`` sums, all-reduced first when the
+    state is synchronised."""
     sums = state.reduce_batch_sums(sums)
     if ops is None:
         reference.apply_update(state, sums)
@@ -21,8 +23,11 @@ def _update(ops: PenaltyOps | None, state: ShadeState, sums: torch.Tensor) -> No
 
 
 def run(y: torch.Tensor, state: ShadeState | None, unit_dim: int, reduction: str,
-        update: bool | None, backend: str, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(relu(y) if relu else y, penalty)`` for checked inputs, and the state update.
+        update: bool | None, backend: str, relu: bool,
+        defer: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(relu(y) if relu else y, penalty)`` for checked inputs, and the state update; with
+    ``defer``, the update is appended to it as ``(ops, state, sums)`` for :func:`apply_update`
+    to apply later (``modules.py`` applies a model's updates at the end of its forward).
 
     Inside the recomputation of a ``torch.utils.checkpoint`` segment it computes with the state and
     unit dim of the original call and updates nothing (``state`` may then be None); in the
@@ -48,7 +53,10 @@ def run(y: torch.Tensor, state: ShadeState | None, unit_dim: int, reduction: str
         value, sums, _ = ops.forward(op_input(y, unit_dim), mu, reduction)
         out = y
     if updates:
-        _update(ops, state, sums)
+        if defer is None:
+            apply_update(ops, state, sums)
+        else:
+            defer.append((ops, state, sums))
     if relu:
         note_relu_output(out, y)
     return out, value

@@ -4,8 +4,14 @@
 or ``x.relu()`` does not have. ``convert_fx`` traces the model with ``torch.fx`` and puts a
 ``ShadeReLU`` module of its own at every ReLU call site of the graph, functional or module, as
 PyTorch's FX quantization gives every call site its own observer.
+
+The result stays tracked through copies: a GraphModule's ``copy.deepcopy`` and pickling rebuild it
+from its graph and drop its forward hooks, so ``convert_fx`` returns a GraphModule of a subclass
+that tracks each copy again (and pickles as that subclass).
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -35,15 +41,46 @@ def _relu_call(node: fx.Node, model: fx.GraphModule) -> tuple[bool, bool]:
     return False, False
 
 
+class _TrackedGraphModule(fx.GraphModule):
+    """A GraphModule whose copies (``copy.deepcopy``, pickle, ``torch.save``) are tracked too."""
+
+    def __deepcopy__(self, memo) -> fx.GraphModule:
+        copied = track(super().__deepcopy__(memo), variable_calls=self._shade_ops_variable_calls)
+        copied._shade_ops_calls = copy.deepcopy(self._shade_ops_calls, memo)  # its layers' copies
+        return copied
+
+    def __reduce__(self):
+        rebuild, args = super().__reduce__()
+        return (_rebuild_tracked, (rebuild, args, self._shade_ops_variable_calls))
+
+
+def _tracked_class(graph_model: fx.GraphModule) -> None:
+    # GraphModule puts each instance's forward on a class of its own (GraphModuleImpl), made in
+    # GraphModule.__new__; recompile() installs the forward on the new one.
+    class GraphModuleImpl(_TrackedGraphModule):
+        pass
+
+    graph_model.__class__ = GraphModuleImpl
+    graph_model.recompile()
+
+
+def _rebuild_tracked(rebuild, args, variable_calls: bool) -> fx.GraphModule:
+    graph_model = rebuild(*args)
+    _tracked_class(graph_model)
+    return track(graph_model, variable_calls=variable_calls)
+
+
 def convert_fx(model: nn.Module, *, concrete_args: dict | None = None,
-               **kwargs) -> fx.GraphModule:
+               variable_calls: bool = False, **kwargs) -> fx.GraphModule:
     """A copy of ``model`` as a ``torch.fx.GraphModule`` whose every ReLU call site (``nn.ReLU``
     modules, ``F.relu``, ``torch.relu``, ``x.relu()``, their in-place forms) is a ShadeReLU module
     of its own (``shade_relu``, ``shade_relu_1``, ...), made with ``kwargs``; the returned model is
     tracked (see :func:`shade_ops.track`). Parameters and buffers are shared with ``model``.
 
     ``concrete_args`` goes to ``torch.fx.symbolic_trace``, for models whose forward branches on
-    an argument.
+    an argument; ``variable_calls`` to :func:`shade_ops.track` (each ShadeReLU of the graph is
+    called once per forward, unless the graph calls a submodule of the model that reuses one).
+    Copies of the result (``copy.deepcopy``, pickle, ``torch.save``) are tracked too.
 
     Raises:
         RuntimeError: the model cannot be traced symbolically (data-dependent control flow); the
@@ -79,5 +116,5 @@ def convert_fx(model: nn.Module, *, concrete_args: dict | None = None,
         converted += 1
     graph_model.delete_all_unused_submodules()
     graph.lint()
-    graph_model.recompile()
-    return track(graph_model)
+    _tracked_class(graph_model)
+    return track(graph_model, variable_calls=variable_calls)

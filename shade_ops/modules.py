@@ -3,11 +3,14 @@
 A layer is a call site, not a module object (SPEC section 5): a module called at several places in
 one forward (torchvision's ``BasicBlock`` calls its one ``self.relu`` twice) keeps one state and
 one penalty per call site. The k-th call of a module within one forward of its model is its call
-site k: ``convert`` (or ``track``) gives the model a forward pre-hook that starts the count again
-at every forward, and ``collect`` adds the penalties of every call site of the last forward.
+site k: ``convert`` (or ``track``) gives the model hooks that open a record of each forward, per
+thread (``_forward_record.py``), in which the calls are counted, the penalties kept and the state
+updates held until the forward ends and every layer's number of calls matched its sites; and
+``collect`` adds the penalties of the last forward's record.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Callable
 
@@ -15,12 +18,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import _checkpoint
+from . import _checkpoint, _forward_record
 from ._layout import check_choices, check_inputs, check_unit_dim, unit_count_message
 from .functional import run as _run
 from .state import ShadeState
 
 __all__ = ["ShadePenalty", "ShadeReLU", "attach", "call_sites", "collect", "convert", "track"]
+
+_NEW_SITES = threading.Lock()
 
 
 class _ShadeLayer(nn.Module):
@@ -53,10 +58,16 @@ class _ShadeLayer(nn.Module):
         self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
         self.state = self._new_state(num_units) if num_units is not None else None
         self.extra_states = nn.ModuleList()
-        self._site = 0          # call sites seen so far in this forward of the model
-        self._tracked = False   # whether a model's forward pre-hook resets _site (see track)
-        self._penalties: list[torch.Tensor] = []
-        self._collected = True  # whether the penalties were read (collect or .penalty)
+        # What made the call sites: None (a new call makes one), "checkpoint" (they are the
+        # checkpoint's until a forward has run) or "forward" (a completed training forward of a
+        # tracked model, which also fixed that model's number of calls; see _forward_record).
+        self._sites_from: str | None = None
+        # (model type, name in it) once track() saw this layer in a model: a training call with
+        # no forward of a tracked model open is then a part called on its own.
+        self._tracked: tuple[str, str] | None = None
+        self._last: _forward_record.Forward | None = None  # the record of the last training call
+        self._alone: torch.Tensor | None = None  # the penalty of the last call outside a record
+        self._alone_calls = 0   # calls outside a record since the penalties were last read
 
     # ---- the states -----------------------------------------------------------------------
 
@@ -64,6 +75,9 @@ class _ShadeLayer(nn.Module):
     def states(self) -> list[ShadeState]:
         """The state of every call site seen so far, in call order."""
         return ([self.state] if self.state is not None else []) + list(self.extra_states)
+
+    def _num_sites(self) -> int:
+        return (self.state is not None) + len(self.extra_states)
 
     def _new_state(self, num_units: int) -> ShadeState:
         # Normal tensors even when the first forward runs under inference_mode, so that training
@@ -73,6 +87,12 @@ class _ShadeLayer(nn.Module):
                                process_group=self.process_group,
                                device=self._device_anchor.device)
         return state.train(self.training)
+
+    def _add_site(self, state: ShadeState) -> None:
+        if self.state is None:
+            self.state = state
+        else:
+            self.extra_states.append(state)
 
     def _resolve_unit_dim(self, y: torch.Tensor, known: int | None) -> int:
         """Where y's units lie: ``unit_dim`` when given; else dim 1 for 2-D, 4-D and 5-D input
@@ -96,52 +116,74 @@ class _ShadeLayer(nn.Module):
             f"a whole model, shade_ops.convert(model, unit_dim=...) or set .unit_dim on this "
             f"module).")
 
-    def _site_state(self, y: torch.Tensor) -> tuple[ShadeState, int]:
-        """The state of this call's site (made at its first input) and the unit dim."""
-        site = self._site if self._tracked else 0
-        self._site += 1
-        states = self.states
-        known = states[site].num_units if site < len(states) else self.num_units
-        unit_dim = self._resolve_unit_dim(y, known)
-        if site == len(states):
-            if self.num_units is not None and y.shape[unit_dim] != self.num_units:
-                raise ValueError(f"{type(self).__name__}(num_units={self.num_units}) at its call "
-                                 f"site {site}: " + unit_count_message(y, unit_dim, self.num_units))
-            state = self._new_state(y.shape[unit_dim])
-            if site == 0:
-                self.state = state
-            else:
-                self.extra_states.append(state)
-            return state, unit_dim
-        state = states[site]
+    def _site_state(self, y: torch.Tensor, site: int,
+                    record: _forward_record.Forward | None) -> tuple[ShadeState, int]:
+        """The state of call site ``site`` (made at its first input) and the unit dim."""
+        if site == 0:
+            state = self.state
+        else:
+            extra = self.extra_states
+            state = extra[site - 1] if site <= len(extra) else None
+        if state is None:
+            if record is not None and not record.variable_calls and (
+                    self in record.counts or self._sites_from == "checkpoint"):
+                model = record.model
+                _forward_record.abandon()
+                raise RuntimeError(_forward_record.call_count_message(model, self, site + 1,
+                                                                      during=True))
+            state = self._new_site(y, site)
+        unit_dim = self._resolve_unit_dim(y, state.num_units)
         if y.shape[unit_dim] != state.num_units:
-            where = f" at its call site {site}" if self._tracked and len(states) > 1 else ""
-            raise ValueError(f"{type(self).__name__}{where}: "
-                             + unit_count_message(y, unit_dim, state.num_units))
+            message = unit_count_message(y, unit_dim, state.num_units)
+            if self.extra_states:
+                message = (f" at its call site {site} (its call {site + 1} in this "
+                           f"forward): {message} Or the number of calls of this module "
+                           f"changed from forward to forward, which renumbers its call "
+                           f"sites: give each place its own module, or see "
+                           f"shade_ops.track(variable_calls=).")
+            else:
+                message = ": " + message
+            raise ValueError(f"{type(self).__name__}{message}")
         return state, unit_dim
 
+    def _new_site(self, y: torch.Tensor, site: int) -> ShadeState:
+        unit_dim = self._resolve_unit_dim(y, self.num_units)
+        if self.num_units is not None and y.shape[unit_dim] != self.num_units:
+            raise ValueError(f"{type(self).__name__}(num_units={self.num_units}) at its call "
+                             f"site {site}: " + unit_count_message(y, unit_dim, self.num_units))
+        if torch.compiler.is_compiling():
+            self._add_site(self._new_state(y.shape[unit_dim]))
+            return self.states[site]
+        with _NEW_SITES:  # two threads' first forwards: one state per site
+            if site == self._num_sites():
+                self._add_site(self._new_state(y.shape[unit_dim]))
+            return self.states[site]
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A lazy layer takes its sizes from the checkpoint, as LazyBatchNorm does.
-        saved = state_dict.get(prefix + "state.p")
-        if self.state is None and saved is not None:
-            self.state = self._new_state(saved.shape[1])
-        site = len(self.extra_states)
-        while (saved := state_dict.get(f"{prefix}extra_states.{site}.p")) is not None:
-            self.extra_states.append(self._new_state(saved.shape[1]))
-            site += 1
+        # A layer whose call sites are not fixed yet takes them, and their sizes, from the
+        # checkpoint, as LazyBatchNorm takes its size; one whose sites are fixed loads as any
+        # module: the checkpoint's other sites are unexpected keys, its missing ones missing.
+        if self._sites_from is None:
+            while (saved := state_dict.get(_site_key(prefix, self._num_sites()))) is not None:
+                self._add_site(self._new_state(saved.shape[1]))
+            if _site_key(prefix, 0) in state_dict:
+                self._sites_from = "checkpoint"
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- the penalties --------------------------------------------------------------------
 
     def _forward(self, y: torch.Tensor, relu: bool) -> torch.Tensor:
         if not self.training:
-            self._penalties = []
+            if self._last is not None or self._alone is not None:
+                self._last = self._alone = None
             return torch.relu(y) if relu else y
         if torch.jit.is_tracing():
+            _forward_record.abandon()
             raise RuntimeError(f"{type(self).__name__} cannot be traced with torch.jit.trace in "
                                "training mode: the trace would drop the penalty. Use "
                                "torch.compile or torch.export, or trace the model in eval mode.")
         if getattr(torch.compiler, "is_exporting", lambda: False)():
+            _forward_record.abandon()
             raise RuntimeError(f"{type(self).__name__} cannot be exported by torch.export in "
                                "training mode: the exported program would not update the SHADE "
                                "state. Export the model in eval mode (a plain ReLU there), and "
@@ -152,14 +194,39 @@ class _ShadeLayer(nn.Module):
             # torch.utils.checkpoint rebuilding saved tensors: same computation as the first
             # run, no new call site, no penalty, no update (functional.run takes care of those)
             return _run(y, None, 0, self.reduction, False, self.backend, relu)[0]
-        state, unit_dim = self._site_state(y)
+        opened = _forward_record.THREAD.open
+        if not opened:
+            if self._tracked is not None:
+                raise RuntimeError(self._called_alone_message())
+            state, unit_dim = self._site_state(y, 0, None)
+            check_inputs(y, state, unit_dim, self.reduction, self.backend)
+            out, value = _run(y, state, unit_dim, self.reduction, None, self.backend, relu)
+            if self._last is not None:
+                self._last = None
+            self._alone = value
+            self._alone_calls += 1
+            return out
+        record = opened[-1]
+        site = record.sites.get(self, 0)
+        state, unit_dim = self._site_state(y, site, record)
         check_inputs(y, state, unit_dim, self.reduction, self.backend)
-        out, value = _run(y, state, unit_dim, self.reduction, None, self.backend, relu)
-        if not self._tracked:
-            self._penalties = []  # one site: its last call only
-        self._penalties.append(value)
-        self._collected = False
+        out, value = _run(y, state, unit_dim, self.reduction, None, self.backend, relu,
+                          record.updates)
+        record.sites[self] = site + 1
+        record.penalties.append((self, value))
+        if self._last is not record:
+            self._last = record
         return out
+
+    def _called_alone_message(self) -> str:
+        owner, name = self._tracked
+        return (f"shade_ops: the {type(self).__name__} '{name}' of a tracked {owner} was called "
+                f"in training mode outside a forward of that model (a part of it called on its "
+                f"own, as in feature extraction or probing a block). Its call sites are counted "
+                f"per forward of the model, so this call has none to use. Call the model itself; "
+                f"to extract features, put the model in eval mode (model.eval(): a plain ReLU, no "
+                f"penalty, no update); to train the part on its own, shade_ops.track(part) and "
+                f"add shade_ops.collect(part) to the loss.")
 
     @property
     def penalty(self) -> torch.Tensor | None:
@@ -171,27 +238,28 @@ class _ShadeLayer(nn.Module):
     @property
     def penalties(self) -> list[torch.Tensor]:
         """The penalty of each call site in the last forward, in call order."""
-        self._collected = True
-        if not self._tracked:
-            self._site = 0  # read: the next call starts a new forward
-        return list(self._penalties)
-
-    def _begin_forward(self) -> None:
-        self._site = 0
-        self._penalties = []
+        record = self._last
+        if record is None:
+            self._alone_calls = 0  # read: the next call starts a new forward
+            return [] if self._alone is None else [self._alone]
+        record.collected = True
+        return [value for layer, value in record.penalties if layer is self]
 
     def __getstate__(self):
         # copy.deepcopy and pickle (EMA copies, best-model snapshots) at any point of a step: the
         # penalties are non-leaf tensors holding the step's graph, which the copy must not take.
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         state = dict(state)
-        state["_penalties"] = []
-        state["_collected"] = True
+        state.update(_last=None, _alone=None, _alone_calls=0)
         return state
 
     def extra_repr(self) -> str:
         units = [s.num_units for s in self.states] or self.num_units
         return f"num_units={units}, decay={self.decay}, unit_dim={self.unit_dim}"
+
+
+def _site_key(prefix: str, site: int) -> str:
+    return f"{prefix}state.p" if site == 0 else f"{prefix}extra_states.{site - 1}.p"
 
 
 def _sum(values: list[torch.Tensor]) -> torch.Tensor:
@@ -286,67 +354,52 @@ def _shade_layers(model: nn.Module) -> list[_ShadeLayer]:
     return [m for m in model.modules() if isinstance(m, _ShadeLayer)]
 
 
-def track(model: nn.Module) -> nn.Module:
-    """Count call sites per forward of ``model``: a hook at the start of each of its forwards
-    starts every SHADE layer's count of calls again, so that a module called at several places
-    keeps one state per place. :func:`convert` calls it; call it yourself on a model that you
-    built with ShadeReLU / ShadePenalty modules. Returns ``model``.
+def _check_module(model, name: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"shade_ops.{name} takes the model, an nn.Module, got "
+                        f"{type(model).__name__}")
 
-    Call the model itself, not its parts: a part called on its own does not start a new count.
-    Calling ``track`` again after changing the model picks up its new SHADE layers.
+
+def track(model: nn.Module, *, variable_calls: bool = False) -> nn.Module:
+    """Count call sites per forward of ``model``, so that a module called at several places keeps
+    one state per place: each forward of ``model`` opens a record in which a SHADE layer's k-th
+    call is its call site k, and ``collect(model)`` reads the record of its last forward.
+    :func:`convert` calls it; call it yourself on a model that you built with ShadeReLU /
+    ShadePenalty modules. Returns ``model``.
+
+    Once a training forward has completed, each layer's number of call sites is fixed: a later
+    forward that calls a layer another number of times (a data-dependent number of calls) raises
+    RuntimeError and updates no state, instead of training the wrong sites. With
+    ``variable_calls=True`` it is accepted: the k-th call of every forward uses call site k's
+    state, and a call beyond the known sites makes a new one.
+
+    Call the model itself: a SHADE layer of a tracked model called in training mode outside a
+    forward of the model raises (put the model in eval mode to extract features, or track the
+    part to train it alone). Calling ``track`` again picks up new SHADE layers.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
     """
-    layers = _shade_layers(model)
-    for sub in model.modules():
-        if sub is not model and getattr(sub, "_shade_ops_layers", None) is not None:
-            sub._shade_ops_layers = None  # an inner model tracked before: the outer one counts
-    first = not getattr(model, "_shade_ops_hooked", False)
-    model._shade_ops_layers = layers
-    for layer in layers:
-        layer._tracked = True
-        layer._begin_forward()
-    if first:
-        model.register_forward_pre_hook(_begin_forward)
-        model.register_forward_hook(_end_forward)
-        model._shade_ops_hooked = True
+    _check_module(model, "track")
+    for name, layer in model.named_modules():
+        if isinstance(layer, _ShadeLayer):
+            layer._tracked = (type(model).__name__, name)
+    model._shade_ops_variable_calls = bool(variable_calls)
+    if not isinstance(getattr(model, "_shade_ops_calls", None), dict):
+        model._shade_ops_calls = {}  # see _forward_record.Forward.counts
+    if not isinstance(getattr(model, "_shade_ops_last", None), _forward_record.LastForward):
+        model._shade_ops_last = _forward_record.LastForward()
+    if _forward_record.begin_forward not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_forward_record.begin_forward)
+        model.register_forward_hook(_forward_record.forward_returned)
+        model.register_forward_hook(_forward_record.end_forward, always_call=True)
     return model
 
 
-def _begin_forward(model: nn.Module, args) -> None:
-    layers = getattr(model, "_shade_ops_layers", None)
-    if layers is None:
-        return
-    if model.training and not torch.compiler.is_compiling() and \
-            not getattr(model, "_shade_ops_warned_uncollected", False) and \
-            any(not layer._collected for layer in layers):
-        model._shade_ops_warned_uncollected = True
-        warnings.warn(
-            "shade_ops: a forward of this model starts while the SHADE penalties of its last "
-            "training forward were never collected. shade_ops.collect(model) returns the "
-            "penalties of the last forward only: with several forwards before one backward "
-            "(siamese models, several crops), call collect after each forward and add them up. "
-            "(This warning is shown once.)", stacklevel=2)
-    for layer in layers:
-        layer._begin_forward()
-
-
-def _end_forward(model: nn.Module, args, output) -> None:
-    layers = getattr(model, "_shade_ops_layers", None)
-    if layers is None or not model.training or torch.compiler.is_compiling() or \
-            getattr(model, "_shade_ops_warned_unused", False):
-        return
-    if not any(layer._penalties for layer in layers):
-        model._shade_ops_warned_unused = True
-        warnings.warn(
-            f"shade_ops: a training forward of this {type(model).__name__} computed no SHADE "
-            f"penalty ({len(layers)} SHADE layers, none called). If the model applies its ReLUs "
-            f"as functions (F.relu, torch.relu), shade_ops.convert cannot see them: use "
-            f"shade_ops.convert_fx(model). (This warning is shown once.)", stacklevel=2)
-
-
-def convert(model: nn.Module, **kwargs) -> nn.Module:
+def convert(model: nn.Module, *, variable_calls: bool = False, **kwargs) -> nn.Module:
     """Replace every ``nn.ReLU`` in ``model`` (nested ones, ``inplace=True`` ones, one instance
-    held in several places) with a ``ShadeReLU(**kwargs)``, in place, and :func:`track` the model;
-    returns the model (a ShadeReLU when model is a ReLU).
+    held in several places) with a ``ShadeReLU(**kwargs)``, in place, and :func:`track` the model
+    (with ``variable_calls``); returns the model (a ShadeReLU when model is a ReLU).
 
     A ReLU instance held in several places becomes one ShadeReLU in all of them, with a state per
     call site. ``num_units`` is best left None here: each call site takes its size from its first
@@ -356,6 +409,7 @@ def convert(model: nn.Module, **kwargs) -> nn.Module:
     """
     if isinstance(model, nn.ReLU):
         return ShadeReLU(**kwargs)
+    _check_module(model, "convert")
     ShadeReLU(**kwargs)  # bad arguments fail here, before the model is touched
     replaced: dict[int, ShadeReLU] = {}
     _replace_relus(model, kwargs, replaced)
@@ -363,7 +417,7 @@ def convert(model: nn.Module, **kwargs) -> nn.Module:
         warnings.warn(f"shade_ops.convert found no nn.ReLU in this {type(model).__name__}; if it "
                       f"applies ReLU as a function (F.relu, torch.relu), use "
                       f"shade_ops.convert_fx(model)", stacklevel=2)
-    return track(model)
+    return track(model, variable_calls=variable_calls)
 
 
 def _replace_relus(module: nn.Module, kwargs: dict, replaced: dict[int, ShadeReLU],
@@ -382,26 +436,37 @@ def _replace_relus(module: nn.Module, kwargs: dict, replaced: dict[int, ShadeReL
 
 
 def collect(model: nn.Module) -> torch.Tensor:
-    """The sum of the penalties of every SHADE call site of ``model``'s last forward.
+    """The sum of the penalties of every SHADE call site of ``model``'s last forward (in this
+    thread, for a tracked model; for a part of one, its layers' penalties in the last forward
+    they ran in).
 
     A 0-dim tensor; 0 when none has a penalty (none ran, or the model is in eval mode).
 
     Raises:
-        RuntimeError: a SHADE layer of a model that :func:`track` (or :func:`convert`) has not
-            seen was called more than once in the forward: its call sites would share a state.
+        TypeError: ``model`` is not an ``nn.Module``.
+        RuntimeError: a SHADE layer called outside any forward of a tracked model was called
+            more than once since the last collect: its call sites would share a state.
     """
-    penalties = []
-    for layer in _shade_layers(model):
-        if not layer._tracked and layer._site > 1:
-            calls = layer._site
-            layer._site = 0
-            raise RuntimeError(
-                f"shade_ops.collect: a {type(layer).__name__} was called {calls} times since the "
-                f"last collect, in a model that shade_ops does not count call sites of. If it sits "
-                f"at several places of one forward, call shade_ops.track(model) (convert does) "
-                f"once before training so that each place gets its own state; with several "
-                f"forwards before one backward, call collect after each forward.")
-        penalties.extend(layer.penalties)
+    _check_module(model, "collect")
+    last = getattr(model, "_shade_ops_last", None)
+    if isinstance(last, _forward_record.LastForward):
+        record = last.box[0]
+        if record is None:
+            return torch.zeros(())
+        record.collected = True
+        penalties = [value for _, value in record.penalties]
+    else:
+        penalties = []
+        for layer in _shade_layers(model):
+            if layer._last is None and layer._alone_calls > 1:
+                calls, layer._alone_calls = layer._alone_calls, 0
+                raise RuntimeError(
+                    f"shade_ops.collect: a {type(layer).__name__} was called {calls} times since "
+                    f"the last collect, in a model that shade_ops does not count call sites of. "
+                    f"If it sits at several places of one forward, call shade_ops.track(model) "
+                    f"(convert does) once before training so that each place gets its own state; "
+                    f"with several forwards before one backward, call collect after each forward.")
+            penalties.extend(layer.penalties)
     if not penalties:
         return torch.zeros(())
     return _sum(penalties)
@@ -409,6 +474,11 @@ def collect(model: nn.Module) -> torch.Tensor:
 
 def call_sites(model: nn.Module) -> dict[str, list[int]]:
     """The SHADE layers of ``model`` by name, each with the unit count of every call site seen so
-    far (a list of one for a module called once): what ``convert`` put SHADE on."""
+    far (a list of one for a module called once): what ``convert`` put SHADE on.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+    """
+    _check_module(model, "call_sites")
     return {name: [s.num_units for s in m.states] for name, m in model.named_modules()
             if isinstance(m, _ShadeLayer)}

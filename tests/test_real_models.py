@@ -292,10 +292,18 @@ def test_known_width_decides_3d_units():
 
 
 def test_given_width_holds_at_every_call_site():
-    model = shade_ops.track(nn.Sequential(nn.Linear(4, 8), shade_ops.ShadeReLU(num_units=8)))
-    model[1](torch.randn(2, 8))
+    class TwoWidths(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 6)
+            self.act = shade_ops.ShadeReLU(num_units=8)
+
+        def forward(self, x):
+            return self.act(self.fc2(self.act(self.fc1(x))))  # a second call site, 6 wide
+
+    model = shade_ops.track(TwoWidths())
     with pytest.raises(ValueError, match="num_units=8"):
-        model[1](torch.randn(2, 6))  # a second call site, of another width
+        model(torch.randn(2, 4))
 
 
 # ---- several forwards, one backward ---------------------------------------------------------
