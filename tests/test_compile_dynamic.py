@@ -147,7 +147,7 @@ def test_compiled_conv_stack_matches_eager(backend, memory_format):
     eager = shade_ops.convert(_conv_stack(), backend=backend).to(memory_format=memory_format)
     model = copy.deepcopy(eager)
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
-    # Within a shape no two sizes are equal, nor equal to a channel count (3, 8): duck sizing
+    # Square images (H and W one symbol, the failing case); N is neither H nor a channel count
     for step, (n, size) in enumerate([(2, 6), (2, 10), (5, 10)]):
         x = random_activations((n, 3, size, size), seed=step).to(memory_format=memory_format)
         out_eager, out = eager(x), compiled(x)
