@@ -113,6 +113,18 @@ def from_op_output(t: torch.Tensor, like: torch.Tensor, given: torch.Tensor) -> 
     return t if given is like else from_units_view(t, like)
 
 
+def output_view_breaks_inductor(like: torch.Tensor, given: torch.Tensor) -> bool:
+    """Whether :func:`from_op_output` would hand back a view of the op's output while
+    ``torch.compile`` traces. Inductor (torch 2.13 and 2.14) cannot compile a graph that saves such
+    a view for the backward (a conv after a ShadeReLU saves its input) when the sizes alone do
+    not order its strides: channels-last on a square image of dynamic size is (8 s^2, 1, 8 s, 8),
+    which graph.py sorts without the shape env ("cannot determine truth value of Relational:
+    8*s**2 < 8*s", as in pytorch/pytorch#185510). Dynamo shows symbolic sizes as ints, so this
+    looks at the layout only: a contiguous NCHW input is its own op input, and gets no view.
+    """
+    return given is not like and torch.compiler.is_compiling()
+
+
 def units_view(y: torch.Tensor, unit_dim: int) -> torch.Tensor:
     """``y`` as ``(A, C, B)``: C units, each with A * B samples, without a copy when y is dense.
 

@@ -5,7 +5,7 @@ import torch
 
 from . import _checkpoint, reference
 from .memory import note_relu_output
-from ._layout import check_inputs, from_op_output, op_input
+from ._layout import check_inputs, from_op_output, op_input, output_view_breaks_inductor
 from ._ops import PenaltyOps, resolve_backend
 from .state import ShadeState
 
@@ -47,8 +47,12 @@ def run(y: torch.Tensor, state: ShadeState | None, unit_dim: int, reduction: str
         out = torch.relu(y) if relu else y
     elif relu:
         given = op_input(y, unit_dim)
-        value, sums, out, _ = ops.relu_forward(given, mu, reduction)
-        out = from_op_output(out, y, given)
+        if output_view_breaks_inductor(y, given):  # relu(y) from ATen, a fresh tensor
+            value, sums, _ = ops.forward(given, mu, reduction)
+            out = torch.relu(y)
+        else:
+            value, sums, out, _ = ops.relu_forward(given, mu, reduction)
+            out = from_op_output(out, y, given)
     else:
         value, sums, _ = ops.forward(op_input(y, unit_dim), mu, reduction)
         out = y

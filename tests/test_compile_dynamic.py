@@ -9,11 +9,13 @@ ops and both ways of getting dynamic shapes rather than taking every combination
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Callable
 
 import pytest
 import torch
+from torch import nn
 
 import shade_ops
 from shade_ops import ShadeState
@@ -118,3 +120,56 @@ def test_compiled_dynamic_shapes_match_eager(backend, layout, op, dynamic):
     assert versions == (1 if dynamic else 2), \
         f"{versions} compiled versions of step for {len(shapes)} sizes"
     torch._dynamo.reset()
+
+
+# ---- a converted conv stack ---------------------------------------------------------------
+
+def _conv_stack() -> nn.Module:
+    relu = nn.ReLU()  # one module at two call sites, as torchvision's BasicBlock has
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), relu, nn.Conv2d(8, 8, 3, padding=1), relu)
+
+
+def _sites(model: nn.Module) -> list[ShadeState]:
+    return [state for m in model.modules() if isinstance(m, shade_ops.ShadeReLU)
+            for state in m.states]
+
+
+@pytest.mark.parametrize("backend", [b for b in FUSED_BACKENDS if b not in SLOW_BACKENDS])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format],
+                         ids=["channels_last", "contiguous"])
+def test_compiled_conv_stack_matches_eager(backend, memory_format):
+    """A converted Conv-ReLU-Conv-ReLU, compiled with dynamic shapes, on square images of two
+    sizes and two batch sizes. Channels-last was the failure: the second conv saves the first
+    ShadeReLU's output for its backward, and Inductor could not order the strides of a view of
+    the op's output (8 s^2, 1, 8 s, 8) (``_layout.output_view_breaks_inductor``)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = shade_ops.convert(_conv_stack(), backend=backend).to(memory_format=memory_format)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    # Square images (H and W one symbol, the failing case); N is neither H nor a channel count
+    for step, (n, size) in enumerate([(2, 6), (2, 10), (5, 10)]):
+        x = random_activations((n, 3, size, size), seed=step).to(memory_format=memory_format)
+        out_eager, out = eager(x), compiled(x)
+        assert out.stride() == out_eager.stride(), f"step {step}: relu(y)'s memory format"
+        g = torch.randn(out.shape).to(memory_format=memory_format)
+        loss_eager = (out_eager * g).sum() + shade_ops.collect(eager)
+        loss = (out * g).sum() + shade_ops.collect(model)
+        loss_eager.backward()
+        loss.backward()
+        _close(loss, loss_eager, f"step {step} loss")
+        for (name, p_eager), p in zip(eager.named_parameters(), model.parameters()):
+            _close(p.grad, p_eager.grad, f"step {step} grad of {name}")
+        sites_eager, sites = _sites(eager), _sites(model)
+        assert len(sites) == len(sites_eager) == 2
+        for site, (s, s_eager) in enumerate(zip(sites, sites_eager)):
+            _close(s.p, s_eager.p, f"step {step} site {site} p")
+            _close(s.mu, s_eager.mu, f"step {step} site {site} mu")
+    torch._dynamo.reset()
+
+
+def _close(actual, expected, what):
+    # inductor may fuse the convolutions' neighbours in another order: float32 rounding apart
+    scale = max(expected.abs().max().item(), 1.0)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * scale,
+                               msg=lambda m: f"{what}: {m}")

@@ -30,8 +30,26 @@ def assert_same_state(state: ShadeState, before: dict) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(6, 5, 7), (9, 4, 1), (4, 3, 2, 3), (7, 6)])
 def test_opcheck_penalty_ops(shape, dtype):
-    y = random_activations(shape, dtype, seed=1).requires_grad_()
-    mu = ShadeState(shape[1]).mu.clone()
+    _opcheck_penalty_ops(random_activations(shape, dtype, seed=1).requires_grad_(), dtype)
+
+
+@native
+@pytest.mark.parametrize("layout", ["channels_last", "channels_last_3d", "transposed"])
+def test_opcheck_penalty_ops_on_layouts(layout):
+    """Non-contiguous y (the ops read any strides; what _layout.py hands them is contiguous): the
+    fake implementations give the real kernels' shapes and strides."""
+    if layout == "channels_last":
+        y = random_activations((3, 4, 5, 6), seed=2).to(memory_format=torch.channels_last)
+    elif layout == "channels_last_3d":
+        y = random_activations((3, 4, 2, 5, 3), seed=2).to(memory_format=torch.channels_last_3d)
+    else:
+        y = random_activations((6, 7, 5), seed=2).transpose(1, 2)
+    assert not y.is_contiguous()
+    _opcheck_penalty_ops(y.requires_grad_(), torch.float32)
+
+
+def _opcheck_penalty_ops(y, dtype):
+    mu = ShadeState(y.shape[1]).mu.clone()
     ops = torch.ops.shade_ops
     for reduction in ("mean", "sum"):
         torch.library.opcheck(ops.penalty_forward.default, (y, mu, reduction))
