@@ -11,7 +11,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build test test-fast demo bench bench-quick gpu-check triton-compat exp-ulp figures clean
+.PHONY: setup build test test-fast demo bench bench-quick bench-percall gpu-check triton-compat exp-ulp \
+	figures clean
 
 setup: $(STAMP)
 
@@ -51,6 +52,19 @@ bench: build
 bench-quick: build
 	mkdir -p build
 	$(PY) benchmarks/run.py --suite quick --out build/bench_quick.json
+
+# Per-call cost (issue 19; docs/benchmarks.md, "Per-call cost"), 2 threads: ShadeReLU and the
+# penalty forward+backward against nn.ReLU at 4k-1M elements, each call timed alone, quiet and
+# with another core spinning; the training steps of ResNet-18, ShuffleNet-v2 x0.5 and DenseNet-121
+# (benchmarks/models.py) at batch 2 and 16 with SHADE on every ReLU against the plain step; then
+# the summary against the goals (.md) and the breakdown of one 16k-element call (_profile.md).
+# At most 7 minutes for the suite (its budget), about 8 in all.
+PERCALL_JSON ?= benchmarks/results/percall_cpu_$(shell date -u +%Y-%m-%d).json
+bench-percall: build
+	mkdir -p benchmarks/results
+	$(PY) benchmarks/run.py --suite percall --threads 2 --out $(PERCALL_JSON)
+	$(PY) benchmarks/percall_report.py $(PERCALL_JSON) --out $(PERCALL_JSON:.json=.md)
+	$(PY) benchmarks/percall_profile.py --threads 2 --out $(PERCALL_JSON:.json=_profile.md)
 
 # On a CUDA machine with torch and Triton already installed (no network needed).
 gpu-check:

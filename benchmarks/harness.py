@@ -5,7 +5,9 @@ A Case is (op, phase, layout, shape, dtype, providers); run_case times every pro
 side by side. CPU: perf_counter, every provider still sampling once per round in a shuffled order
 (an allocation-heavy one slows whatever runs next, so that wake reaches all of them alike), each
 up to its share of the case's time, short calls timed warm (cpu_times); medians and quartiles
-over samples. CUDA: triton.testing.do_bench, plus a "cuda-graph" row replaying the
+over samples; or (the per-call suite) every call timed alone, a few back to back each round, so
+that a row's p90 describes single calls. A case can run while a spinning process holds another
+core (busy_core). CUDA: triton.testing.do_bench, plus a "cuda-graph" row replaying the
 call in a CUDA graph where it can be captured. Peak memory of one call beyond what was allocated
 before it: CUDA max_memory_allocated; CPU the running sum of the profiler's memory events.
 """
@@ -29,9 +31,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for _path in (ROOT, HERE):  # shade_ops; benchmarks/models.py
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 import shade_ops  # noqa: E402
 from shade_ops import ShadeState, reference  # noqa: E402
@@ -40,6 +44,9 @@ SCHEMA = 1
 PHASES = ("forward", "backward", "forward_backward")
 LAYOUTS = ("nchw", "channels_last", "nd", "nld")
 RECOMPUTE = "+recompute_relu"  # a step provider suffix: the forward inside recompute_relu()
+PER_CALL_TIMER = "cpu-perf_counter-call"  # a sample is one call (Plan.calls_each)
+BASELINES = ("nn_relu", "plain")  # a row's ratio: its time over this provider's in its case
+BUSY_MARK = "shade_ops-bench-busy"  # in the spinning process's command line (busy_core)
 BETA = 1e-3  # loss = cross_entropy + BETA * shade_ops.collect(model) in the step rows
 # bytes moved per element, in units of the element size: penalty forward reads y, backward reads
 # y and writes grad_y; ShadeReLU also writes its output and reads the output's gradient
@@ -51,7 +58,12 @@ TRAFFIC = {("penalty", "forward"): 1, ("penalty", "backward"): 2,
 
 def build_model(name: str, in_shape: tuple[int, ...], num_classes: int = 10,
                 **kwargs) -> nn.Module:
-    """The experiments' model builder (imported on first use: the op suites need none of it)."""
+    """The benchmarks' torchvision-style architectures by name (benchmarks/models.py), else the
+    experiments' model builder (each imported on first use: the op suites need neither)."""
+    import models
+
+    if name in models.BUILDERS:
+        return models.build(name, in_shape, num_classes, **kwargs)
     from shade_ops.experiments.models import build_model as build
     return build(name, in_shape, num_classes, **kwargs)
 
@@ -67,7 +79,8 @@ class Case:
     dtype: str = "float32"
     providers: tuple[str, ...] = ()
     extra: tuple = ()             # step cases: (("model", "resnet20"), ("builder", "resnet"),
-    #                               ("kwargs", (("blocks", 3),)))
+    #                               ("kwargs", (("blocks", 3),))); any case: (("busy", True),)
+    #                               to run it while another core spins (busy_core)
 
     @property
     def units(self) -> int:
@@ -77,6 +90,11 @@ class Case:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def busy(self) -> bool:
+        """Whether the case runs while a spinning process holds another core."""
+        return bool(dict(self.extra).get("busy", False))
 
 
 def shape_for(layout: str, numel: int, units: int) -> tuple[int, ...]:
@@ -131,19 +149,18 @@ def op_call(case: Case, provider: str, device: str) -> Callable[[], object]:
         return lambda: out.copy_(x)
     y = make_input(case, device)
     unit_dim = -1 if case.layout == "nld" else 1
-    if case.op == "penalty":
+    if provider == "nn_relu":  # the baseline of either op: nn.ReLU forward+backward
+        relu, grad_out = nn.ReLU(), torch.randn_like(y)
+        forward, upstream = (lambda: (relu(y),)), (grad_out,)
+    elif case.op == "penalty":
         fn, state = _penalty_fn(provider, unit_dim), ShadeState(case.units, device=device)
         forward, upstream = (lambda: (fn(y, state),)), None
     else:  # shade_relu
         grad_out = torch.randn_like(y)
-        if provider == "nn_relu":
-            relu = nn.ReLU()
-            forward, upstream = (lambda: (relu(y),)), (grad_out,)
-        else:
-            act = shade_ops.ShadeReLU(case.units, unit_dim=unit_dim,
-                                      backend=provider).to(device).train()
-            one = torch.ones((), device=device)
-            forward, upstream = (lambda: (act(y), act.penalty)), (grad_out, one)
+        act = shade_ops.ShadeReLU(case.units, unit_dim=unit_dim,
+                                  backend=provider).to(device).train()
+        one = torch.ones((), device=device)
+        forward, upstream = (lambda: (act(y), act.penalty)), (grad_out, one)
     if case.phase == "forward":
         return forward
     if case.phase == "forward_backward":
@@ -254,6 +271,55 @@ def quartiles(values: list[float]) -> tuple[float, float | None, float | None]:
     return q2, q1, q3
 
 
+def p90(values: list[float]) -> float | None:
+    """The 90th percentile (inclusive, as the quartiles); None with one sample."""
+    if len(values) < 2:
+        return None
+    return statistics.quantiles(values, n=10, method="inclusive")[8]
+
+
+_SPIN = """
+import os, sys
+cpu = int(sys.argv[1])
+if cpu >= 0:
+    os.sched_setaffinity(0, {cpu})
+print("spinning", flush=True)
+while True:
+    pass
+"""
+
+
+def busy_cpu() -> int:
+    """The core busy_core spins on: CPU 1 where this process may use it (the second of two),
+    else the last one it may use; -1 where the OS cannot pin a process (no pinning then)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return -1
+    allowed = sorted(os.sched_getaffinity(0))
+    return 1 if 1 in allowed else allowed[-1]
+
+
+@contextlib.contextmanager
+def busy_core(cpu: int | None = None):
+    """A separate Python process spinning on one core (busy_cpu() by default, pinned with
+    os.sched_setaffinity) for the duration of the block, as another job on a shared machine
+    would: the block starts once it spins; it is killed and reaped on the way out, errors
+    included. Yields its Popen. Its command line holds BUSY_MARK and this process's pid (so a
+    test can see that none is left). RuntimeError if it stopped spinning before the end."""
+    cpu = busy_cpu() if cpu is None else cpu
+    proc = subprocess.Popen([sys.executable, "-I", "-c", _SPIN, str(cpu), BUSY_MARK,
+                             str(os.getpid())], stdout=subprocess.PIPE, text=True)
+    try:
+        if proc.stdout.readline().strip() != "spinning":
+            raise RuntimeError(f"the busy process did not start (exit {proc.wait()})")
+        yield proc
+        if proc.poll() is not None:
+            raise RuntimeError(f"the busy process ended early (exit {proc.returncode})")
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -261,7 +327,7 @@ def _sync(device: str) -> None:
 
 def cpu_times(calls: dict[str, Callable], rounds: int, seconds: float, device: str = "cpu",
               min_sample_s: float = 2e-3, warm_below_s: float = 0.05, seed: int = 0,
-              warmed: set[str] | None = None) -> dict[str, list[float]]:
+              warmed: set[str] | None = None, each: int = 0) -> dict[str, list[float]]:
     """Milliseconds per call of each callable, in rounds: every round runs each provider still
     sampling once (a sample of `number` calls, enough for min_sample_s), in a shuffled order. A
     provider samples until it has `rounds` samples or has spent its share of `seconds` (an equal
@@ -275,6 +341,11 @@ def cpu_times(calls: dict[str, Callable], rounds: int, seconds: float, device: s
     provider and would otherwise swamp a 1 ms op timed once a sample. Longer calls are timed cold:
     that cost is then a percent of theirs. The names of the providers timed warm are added to
     `warmed` when given (a row's "warm").
+
+    With `each` > 0 a provider's turn in a round is `each` calls back to back (after the warm
+    one), each timed alone: a sample is one call, a round gives `each` of them, and `rounds`
+    counts rounds. Percentiles over such samples describe single calls (a call that waits for a
+    core shows), where a sample of many calls averages the waits away.
     """
     numbers, warm = {}, set() if warmed is None else warmed
     for name, call in calls.items():
@@ -284,15 +355,15 @@ def cpu_times(calls: dict[str, Callable], rounds: int, seconds: float, device: s
         call()
         _sync(device)
         one = time.perf_counter() - start
-        numbers[name] = max(1, min(1000, int(min_sample_s / max(one, 1e-7))))
+        numbers[name] = each or max(1, min(1000, int(min_sample_s / max(one, 1e-7))))
         if one < warm_below_s:
             warm.add(name)
     times: dict[str, list[float]] = {name: [] for name in calls}
-    spent = dict.fromkeys(calls, 0.0)
+    done, spent = dict.fromkeys(calls, 0), dict.fromkeys(calls, 0.0)
     share, rng = seconds / max(1, len(calls)), random.Random(seed)
     while True:
-        order = [name for name, done in times.items()
-                 if len(done) < 3 or (len(done) < rounds and spent[name] < share)]
+        order = [name for name in calls
+                 if done[name] < 3 or (done[name] < rounds and spent[name] < share)]
         if not order:
             return times
         rng.shuffle(order)
@@ -301,12 +372,21 @@ def cpu_times(calls: dict[str, Callable], rounds: int, seconds: float, device: s
             if name in warm:
                 calls[name]()
             _sync(device)
-            start = time.perf_counter()
-            for _ in range(numbers[name]):
-                calls[name]()
-            _sync(device)
-            end = time.perf_counter()
-            times[name].append((end - start) * 1e3 / numbers[name])
+            if each:
+                for _ in range(each):
+                    start = time.perf_counter()
+                    calls[name]()
+                    _sync(device)
+                    times[name].append((time.perf_counter() - start) * 1e3)
+                end = time.perf_counter()
+            else:
+                start = time.perf_counter()
+                for _ in range(numbers[name]):
+                    calls[name]()
+                _sync(device)
+                end = time.perf_counter()
+                times[name].append((end - start) * 1e3 / numbers[name])
+            done[name] += 1
             spent[name] += end - began
 
 
@@ -345,7 +425,8 @@ def cuda_times(make: Callable[[], Callable], rep_ms: float) -> tuple[list[float]
 
 def make_row(case: Case, provider: str, times_ms: list[float], timer: str,
              peak: int | None, copy_gbps: float | None, warm: bool | None = None) -> dict:
-    """One row of the results format (``warm``: timed warm by cpu_times; None on CUDA)."""
+    """One row of the results format (``warm``: timed warm by cpu_times; None on CUDA). Its
+    baseline, ratio and ratio_p90 are None here: run_case fills them from the case's rows."""
     median, q1, q3 = quartiles(times_ms)
     traffic = TRAFFIC.get((case.op, case.phase))
     moved = None if traffic is None else traffic * case.numel * \
@@ -354,8 +435,10 @@ def make_row(case: Case, provider: str, times_ms: list[float], timer: str,
     row = dict(suite="step" if case.phase == "step" else "op", op=case.op, phase=case.phase,
                provider=provider, layout=case.layout, shape=list(case.shape), units=case.units,
                numel=case.numel, dtype=case.dtype, time_ms=median, time_ms_q1=q1, time_ms_q3=q3,
-               samples=len(times_ms), timer=timer, peak_bytes=peak, bytes_moved=moved, gbps=gbps,
-               roofline=gbps / copy_gbps if gbps and copy_gbps else None, warm=warm)
+               time_ms_p90=p90(times_ms), samples=len(times_ms), timer=timer, peak_bytes=peak,
+               bytes_moved=moved, gbps=gbps,
+               roofline=gbps / copy_gbps if gbps and copy_gbps else None, warm=warm,
+               busy=case.busy, baseline=None, ratio=None, ratio_p90=None)
     if case.phase == "step":
         extra = dict(case.extra)
         row.update(model=extra["model"], batch=case.shape[0],
@@ -364,15 +447,44 @@ def make_row(case: Case, provider: str, times_ms: list[float], timer: str,
     return row
 
 
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's time over that of the case's baseline (BASELINES: nn_relu for the ops, plain
+    for the steps) with the same timer: the medians' ratio and the p90s'."""
+    for row in rows:
+        base = next((r for r in rows if r["provider"] in BASELINES and r["timer"] == row["timer"]),
+                    None)
+        if base is None:
+            continue
+        row["baseline"] = base["provider"]
+        row["ratio"] = row["time_ms"] / base["time_ms"] if base["time_ms"] else None
+        mine, theirs = row["time_ms_p90"], base["time_ms_p90"]
+        row["ratio_p90"] = mine / theirs if mine is not None and theirs else None
+
+
 def run_case(case: Case, device: str, rounds: int, seconds: float,
-             copy_gbps: float | None = None, rep_ms: float = 40.0) -> list[dict]:
-    """The rows of one case, every provider measured side by side."""
+             copy_gbps: float | None = None, rep_ms: float = 40.0, each: int = 0) -> list[dict]:
+    """The rows of one case, every provider measured side by side (CPU, each > 0: every call
+    timed alone, `each` of them a round; see cpu_times), while another core spins if the case
+    is busy."""
     calls, forwards = {}, {}
     for provider in case.providers:
         if case.phase == "step":
             calls[provider], forwards[provider] = step_call(case, provider, device)
         else:
             calls[provider] = op_call(case, provider, device)
+    with busy_core() if case.busy else contextlib.nullcontext():
+        rows = _time_case(case, calls, device, rounds, seconds, copy_gbps, rep_ms, each)
+    add_ratios(rows)
+    if case.phase == "step":
+        held = {p: held_bytes(f, device) for p, f in forwards.items()}
+        for row in rows:
+            base, mine = held.get("plain"), held.get(row["provider"])
+            row["held_bytes"] = None if base is None or mine is None else mine - base
+    return rows
+
+
+def _time_case(case: Case, calls: dict[str, Callable], device: str, rounds: int, seconds: float,
+               copy_gbps: float | None, rep_ms: float, each: int) -> list[dict]:
     rows = []
     if device == "cuda":
         for provider, call in calls.items():
@@ -388,15 +500,11 @@ def run_case(case: Case, device: str, rounds: int, seconds: float,
                 rows.append(make_row(case, provider, [graph], "cuda-graph", peak, copy_gbps))
     else:
         warmed: set[str] = set()
-        times = cpu_times(calls, rounds, seconds, device, warmed=warmed)
+        times = cpu_times(calls, rounds, seconds, device, warmed=warmed, each=each)
         for provider, call in calls.items():
-            rows.append(make_row(case, provider, times[provider], "cpu-perf_counter",
+            rows.append(make_row(case, provider, times[provider],
+                                 PER_CALL_TIMER if each else "cpu-perf_counter",
                                  peak_bytes(call, device), copy_gbps, provider in warmed))
-    if case.phase == "step":
-        held = {p: held_bytes(f, device) for p, f in forwards.items()}
-        for row in rows:
-            base, mine = held.get("plain"), held.get(row["provider"])
-            row["held_bytes"] = None if base is None or mine is None else mine - base
     return rows
 
 
@@ -463,6 +571,7 @@ class Plan:
     seconds_per_case: float = 4.0
     step_rounds: int = 10
     copy_numel: int = 1 << 24
+    calls_each: int = 0  # > 0: op cases time every call alone, this many a round (cpu_times)
 
 
 def run_plan(plan: Plan, device: str, command: str, budget_s: float,
@@ -481,7 +590,7 @@ def run_plan(plan: Plan, device: str, command: str, budget_s: float,
         for index, case in enumerate(plan.cases):
             left = budget_s - (time.monotonic() - start)
             label = f"{case.op} {case.phase} {case.layout} {'x'.join(map(str, case.shape))} " \
-                f"{case.dtype}"
+                f"{case.dtype}" + (" busy" if case.busy else "")
             if left < 2.0:
                 doc["skipped"].append(f"{label}: time budget")
                 continue
@@ -496,7 +605,7 @@ def run_plan(plan: Plan, device: str, command: str, budget_s: float,
             try:
                 doc["rows"] += run_case(case, device, plan.step_rounds if is_step else plan.rounds,
                                         min(share, plan.seconds_per_case * (3 if is_step else 1)),
-                                        copy_gbps)
+                                        copy_gbps, each=0 if is_step else plan.calls_each)
             except Exception as error:  # noqa: BLE001  (report it, measure the other cases)
                 doc["errors"].append(f"{label}: {type(error).__name__}: {error!s:.300}")
             print(f"{label}: {time.monotonic() - began:.1f} s", flush=True)

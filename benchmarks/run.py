@@ -8,6 +8,15 @@ ShadeReLU (forward+backward) in four layouts and two dtypes against the eager re
 torch.compile of it and nn.ReLU; a sweep over elements (2^11 .. 2^25; every layout and dtype)
 and over units (16 .. 1024); the training step of an MLP and a CIFAR ResNet-20 with SHADE on every layer against the
 plain step (and with the forward inside shade_ops.recompute_relu). "quick" is a handful of small cases of the same kinds, in well under a minute.
+
+"percall" (issue 19: a ShadeReLU call should cost about what an nn.ReLU call costs) times
+ShadeReLU forward+backward and the penalty forward+backward (its value in the loss), each against
+nn.ReLU forward+backward on the same input, at 4k, 16k, 32k, 64k and 1M float32 NCHW elements,
+every call timed alone (8 a round, shuffled rounds), once on a quiet machine and once while a
+spinning process holds another core (rows "busy": true); then the training step (cross-entropy +
+1e-3 x collect, backward, SGD) of torchvision-style ResNet-18, ShuffleNet-v2 x0.5 and DenseNet-121
+(benchmarks/models.py) at batch 2 and 16 of 3x64x64, with SHADE on every ReLU against the plain
+step. "percall-quick": the same kinds of case on tiny settings (tests/test_bench_percall.py).
 """
 from __future__ import annotations
 
@@ -37,8 +46,41 @@ def step_cases(device: str, quick: bool, providers: tuple[str, ...]) -> list[Cas
     ]
 
 
+# the per-call sizes of issue 19: 4k, 16k, 32k, 64k and 1M elements
+PERCALL_SHAPES = ((2, 32, 8, 8), (2, 128, 8, 8), (2, 64, 16, 16), (2, 128, 16, 16),
+                  (16, 64, 32, 32))
+PERCALL_MODELS = ("resnet18", "shufflenet_v2_x0_5", "densenet121")
+
+
+def percall_plan(device: str, quick: bool) -> Plan:
+    """The per-call suite: ShadeReLU and the penalty against nn.ReLU, quiet then busy, every call
+    timed alone; then the whole steps of PERCALL_MODELS with SHADE against plain (quick: two
+    small sizes, batch 2 of 3x16x16, narrow models, a DenseNet of fewer layers)."""
+    fused = tuple(fused_backends(device))[:1] or ("reference",)
+    shapes = PERCALL_SHAPES[:2] if quick else PERCALL_SHAPES
+    cases = [Case(op, "forward_backward", "nchw", shape, "float32", fused + ("nn_relu",),
+                  (("busy", busy),))
+             for busy in (False, True) for shape in shapes for op in ("shade_relu", "penalty")]
+    batches, side = ((2,), 16) if quick else ((2, 16), 64)
+    tiny = {"resnet18": (("width", 4),), "densenet121": (("block_config", (2, 2, 2)),),
+            "shufflenet_v2_x0_5": (("stages_out_channels", (8, 8, 16, 32, 64)),)}
+    for batch in batches:
+        for model in PERCALL_MODELS:
+            kwargs = tiny[model] if quick else ()
+            cases.append(Case(f"step_{model}", "step", "nchw", (batch, 3, side, side), "float32",
+                              ("plain",) + fused,
+                              (("model", model), ("builder", model), ("kwargs", kwargs))))
+    if quick:
+        return Plan(cases, rounds=4, seconds_per_case=0.3, step_rounds=3, copy_numel=1 << 18,
+                    calls_each=4)
+    return Plan(cases, rounds=60, seconds_per_case=5.0, step_rounds=20, copy_numel=1 << 24,
+                calls_each=8)
+
+
 def suite(name: str, device: str) -> Plan:
-    """The cases of suite `name` ("quick" or "full") on `device`."""
+    """The cases of suite `name` ("quick", "full", "percall" or "percall-quick") on `device`."""
+    if name.startswith("percall"):
+        return percall_plan(device, name == "percall-quick")
     fused = tuple(fused_backends(device))
     penalty = fused + ("reference", "compile")
     relu = fused + ("reference", "nn_relu")
@@ -91,12 +133,13 @@ def suite(name: str, device: str) -> Plan:
 def main(argv: list[str] | None = None) -> dict:
     """Runs the suite, writes the JSON (after every case) and returns it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=["quick", "full"], default="quick")
+    parser.add_argument("--suite", choices=["quick", "full", "percall", "percall-quick"],
+                        default="quick")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", required=True, help="the results JSON")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for the whole run; cases past it are left out "
-                             "(default: 40 quick, 540 full)")
+                             "(default: 40 quick, 540 full, 420 percall, 40 percall-quick)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's choice; on a loaded machine "
                              "two threads' barriers make times snap to scheduler ticks)")
@@ -105,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         import torch
 
         torch.set_num_threads(args.threads)
-    budget = args.budget or (40.0 if args.suite == "quick" else 540.0)
+    budget = args.budget or {"full": 540.0, "percall": 420.0}.get(args.suite, 40.0)
     plan = suite(args.suite, args.device)
     folder = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(folder, exist_ok=True)
