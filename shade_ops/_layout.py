@@ -42,12 +42,12 @@ def check_state_buffers(state: torch.nn.Module, units: int) -> None:
     ``units`` being y's). Before any kernel runs, which would fail with a RuntimeError of its own
     (or, for the reference, broadcast). A consistent state of another size is left to the unit
     count check, whose message says which ``unit_dim`` fits."""
-    for name in ("p", "mu"):
-        buffer = getattr(state, name)
+    buffers = state._buffers  # one dict lookup each: nn.Module.__getattr__ costs a microsecond
+    p, mu = buffers.get("p"), buffers.get("mu")
+    for name, buffer in (("p", p), ("mu", mu)):
         if not isinstance(buffer, torch.Tensor) or not buffer.is_floating_point():
             got = buffer.dtype if isinstance(buffer, torch.Tensor) else type(buffer).__name__
             raise TypeError(f"the state's {name} must be a floating-point tensor, got {got}")
-    p, mu = state.p, state.mu
     if mu.device != p.device:
         raise ValueError(f"the state's p is on {p.device} but its mu on {mu.device}")
     if p.dim() == 2 and p.shape[0] == 2 and mu.shape == p.shape:
@@ -62,25 +62,32 @@ def check_state_buffers(state: torch.nn.Module, units: int) -> None:
 def check_inputs(y: torch.Tensor, state: torch.nn.Module, unit_dim: int, reduction: str,
                  backend: str) -> None:
     """Raise the exception SPEC section 6 names for bad input; never touches the state."""
-    from .state import ShadeState  # state.py is a leaf; imported here to keep this module one
-
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
-    if not y.is_floating_point():
-        raise TypeError(f"y must be a floating-point tensor, got dtype {y.dtype}")
     if y.dtype not in DTYPES:
+        if not y.is_floating_point():
+            raise TypeError(f"y must be a floating-point tensor, got dtype {y.dtype}")
         raise TypeError(f"y has dtype {y.dtype}; shade_ops takes float16, bfloat16, float32 and "
                         f"float64 (cast float8 activations to bfloat16 first)")
-    if not isinstance(state, ShadeState):
+    if not isinstance(state, _state_class()):
         raise TypeError(f"state must be a shade_ops.ShadeState, got {type(state).__name__}")
     check_unit_dim(unit_dim, y.dim(), y.shape)
-    check_state_buffers(state, y.shape[unit_dim])
-    if y.shape[unit_dim] != state.num_units:
+    units = y.shape[unit_dim]
+    check_state_buffers(state, units)
+    if units != state.num_units:
         raise ValueError(unit_count_message(y, unit_dim, state.num_units))
-    if y.device != state.mu.device:
-        raise ValueError(f"y is on {y.device} but the state is on {state.mu.device}; move one "
+    device = state._buffers["mu"].device
+    if y.device != device:
+        raise ValueError(f"y is on {y.device} but the state is on {device}; move one "
                          f"of them (shade_ops never copies between devices)")
-    check_choices(reduction, backend)
+    if reduction not in REDUCTIONS or backend not in BACKENDS:
+        check_choices(reduction, backend)
+
+
+def _state_class() -> type:
+    from .state import ShadeState  # state.py is a leaf; imported here to keep this module one
+
+    return ShadeState
 
 
 def unit_count_message(y: torch.Tensor, unit_dim: int, num_units: int) -> str:
