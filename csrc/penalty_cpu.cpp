@@ -70,8 +70,10 @@ inline Vectorized<T> fma_(const Vectorized<T>& a, const Vectorized<T>& b, const 
 // Per unit, the penalty term of SPEC section 2, s (y - mu1)^2 + q (y - mu0)^2, is computed as it
 // reads: two non-negative terms, whose sum never cancels however far apart mu0 and mu1 are (the
 // expanded (y - mu1)^2 + q (a y + b) subtracted terms of size (mu1 - mu0)^2: at mu1 - mu0 = 1e4 it
-// came out negative). The squares are formed before the products with s and q, as in the
-// reference: a square that overflows times a probability of 0 is NaN in both.
+// came out negative). Each probability multiplies its distance before the distance squares it,
+// (s d1) d1, as in the reference: where a square overflows and its probability is 0 (s at
+// y = -1e30, q at y = 1e30) the term is 0, not 0 * inf = NaN, so an overflowing penalty is +inf.
+// (The same operations as s (d1 d1): a multiplication and a fused multiply-add.)
 template <typename V>
 struct ForwardCoef {
   V mu0, mu1;
@@ -90,86 +92,74 @@ struct Accumulators {
     sy = fma_(p.s, y, sy);
     qy = fma_(p.q, y, qy);
     const V d1 = y - k.mu1, d0 = y - k.mu0;
-    pen1 = fma_(p.s, d1 * d1, pen1);
-    pen0 = fma_(p.q, d0 * d0, pen0);
+    pen1 = fma_(p.s * d1, d1, pen1);
+    pen0 = fma_(p.q * d0, d0, pen0);
     return p.r;
   }
 };
 
 // The gradient of SPEC section 3, with s'(y) = q where y > 0 (0 elsewhere), d1 = y - mu1 and
 // d0 = y - mu0, is
-//   w (s'(y) (d1^2 - d0^2) + 2 (s d1 + q d0)),   d1^2 - d0^2 = (mu0 - mu1) (d1 + d0),
-// the difference of squares taken as a product, which does not cancel. That product stays finite
-// where a square itself overflows, and the reference's difference of squares is then inf - inf or
-// inf (times s'(y) = 0, NaN). Where that can happen (|y| above a quarter of the square root of
-// the largest float, or some |mu|), exact_squares() takes the reference's operations instead.
+//   w (s'(y) (d1^2 - d0^2) + 2 (s d1 + q d0)),   d1^2 - d0^2 = 2 (mu0 - mu1) (y - h),
+// h = (mu0 + mu1) / 2 the unit's midpoint: the difference of squares as a product, which does not
+// cancel, and whose factor y - h is one rounding from the exact value. (d1 + d0 in its place
+// carried two roundings of size eps |mu|, which the product with mu0 - mu1 turned into an error
+// in proportion to |mu|: 5e-3 of the largest gradient at mu = (-1e5, 1e5).) Per unit, h and
+// 2 w (mu0 - mu1) are computed in double and rounded once. s d1 + q d0 is a convex combination
+// of the distances (s + q = 1), within a few roundings of s |d1| + q |d0| for every y: d0 itself
+// where y <= 0, d1 plus a small q d0 where y is large.
+//
+// The common loop's grouping, q a + s (2 w d1) with a = 2 w d0 + [y > 0] 2 w (mu0 - mu1) (y - h),
+// would be 0 * inf = NaN where q is 0 and a overflows; that takes y and |mu| near the square root
+// of the largest float (scaled by w). Where that can happen (y above kSquareSafe / sqrt(|w|), or
+// some |mu| as large), guarded_gradient() forms each product so that a probability of 0 times a
+// finite distance is 0: (q 2 w (mu0 - mu1)) (y - h) and 2 w (s d1 + q d0). The gradient is then
+// finite wherever the exact one is (as long as the distances y - mu, y - h are floats: |y| = 1e30
+// with |mu| = 1e20 is).
 template <typename T>
 constexpr T kSquareSafe = T(0.25) * T(std::is_same_v<T, double> ? 1.3e154 : 1.8e19);
 
-// w folded in: w_gap = w (mu0 - mu1), two_w = 2 w.
+// w folded in: w_gap = 2 w (mu0 - mu1), two_w = 2 w.
 template <typename V>
 struct BackwardCoef {
-  V mu0, mu1, w_gap, w, two_w;
+  V mu0, mu1, mid, w_gap, two_w;
 };
-// Grouped as q a + (s (2 w d1) + extra) with a = [y > 0] w (mu0 - mu1)(d1 + d0) + 2 w d0: a needs
-// y alone, so that only two operations wait for the exp (the loop is bound by its chain of
-// dependent operations more than by their number). extra: ReLU's gradient, or 0.
+// Grouped as q a + (s (2 w d1) + extra), a as above: a needs y alone, so that only two operations
+// wait for the exp (the loop is bound by its chain of dependent operations more than by their
+// number). extra: ReLU's gradient, or 0.
 template <typename V>
 inline V gradient(const V& y, const ReluProbs<V>& p, const BackwardCoef<V>& k, const V& extra) {
   const V d1 = y - k.mu1, d0 = y - k.mu0;
-  const V a = fma_(k.two_w, d0, where_positive(y, k.w_gap * (d1 + d0)));
+  const V a = fma_(k.two_w, d0, where_positive(y, k.w_gap * (y - k.mid)));
   return fma_(p.q, a, fma_(p.s, k.two_w * d1, extra));
 }
-
-// where(finite, a, b), and finite = |x| <= the largest value (false for inf and NaN)
-template <typename T>
-inline bool is_finite(T x) {
-  return std::abs(x) <= std::numeric_limits<T>::max();
-}
-template <typename T>
-inline Vectorized<T> is_finite(const Vectorized<T>& x) {
-  return x.abs() <= Vectorized<T>(std::numeric_limits<T>::max());
-}
-template <typename T>
-inline T select(bool finite, T a, T b) {
-  return finite ? a : b;
-}
-template <typename T>
-inline Vectorized<T> select(const Vectorized<T>& finite, const Vectorized<T>& a,
-                            const Vectorized<T>& b) {
-  return Vectorized<T>::blendv(b, a, finite);
-}
 template <typename V>
-inline V exact_squares(const V& y, const ReluProbs<V>& p, const BackwardCoef<V>& k) {
+inline V guarded_gradient(const V& y, const ReluProbs<V>& p, const BackwardCoef<V>& k,
+                          const V& extra) {
   const V d1 = y - k.mu1, d0 = y - k.mu0;
-  const V square1 = d1 * d1, square0 = d0 * d0;
-  const auto finite1 = is_finite(square1), finite0 = is_finite(square0);
-  // Where a square is inf or NaN, the difference of the squares is that of their non-finite
-  // parts. Not written square1 - square0: the compiler could fuse it into fma(d1, d1, -square0),
-  // whose product does not overflow.
-  const V non_finite = select(finite1, V(0), square1) - select(finite0, V(0), square0);
-  const V difference = select(finite1 & finite0, (k.mu0 - k.mu1) * (d1 + d0), non_finite);
-  return k.w * (where_positive(y, p.q * difference) + (p.s * (d1 + d1) + p.q * (d0 + d0)));
+  const V squares = where_positive(y, (p.q * k.w_gap) * (y - k.mid));
+  return squares + fma_(k.two_w, p.s * d1 + p.q * d0, extra);
 }
-// Whether y (any lane) is above kSquareSafe. Below it, a negative y needs no exact_squares: there
-// s'(y) = 0 drops the difference of squares, as relu's backward drops it in the reference.
+
+// Whether y (any lane) is above `safe`. Below it, a negative y needs no guarded_gradient: there
+// the difference of squares is dropped by a mask, and q = 1.
 template <typename T>
-inline bool any_huge(T y) {
-  return y > kSquareSafe<T>;
+inline bool any_huge(T y, T safe) {
+  return y > safe;
 }
 template <typename T>
-inline bool any_huge(const Vectorized<T>& y) {
-  return (y > Vectorized<T>(kSquareSafe<T>)).zero_mask() != (1 << Vectorized<T>::size()) - 1;
+inline bool any_huge(const Vectorized<T>& y, const Vectorized<T>& safe) {
+  return (y > safe).zero_mask() != (1 << Vectorized<T>::size()) - 1;
 }
 #if defined(CPU_CAPABILITY_AVX512) && !defined(_MSC_VER)
 template <>
-inline bool any_huge(const Vectorized<float>& y) {
-  return _mm512_cmp_ps_mask(y, _mm512_set1_ps(kSquareSafe<float>), _CMP_GT_OQ) != 0;
+inline bool any_huge(const Vectorized<float>& y, const Vectorized<float>& safe) {
+  return _mm512_cmp_ps_mask(y, safe, _CMP_GT_OQ) != 0;
 }
 #elif defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
 template <>
-inline bool any_huge(const Vectorized<float>& y) {
-  return _mm256_movemask_ps(_mm256_cmp_ps(y, _mm256_set1_ps(kSquareSafe<float>), _CMP_GT_OQ)) != 0;
+inline bool any_huge(const Vectorized<float>& y, const Vectorized<float>& safe) {
+  return _mm256_movemask_ps(_mm256_cmp_ps(y, safe, _CMP_GT_OQ)) != 0;
 }
 #endif
 
@@ -444,22 +434,23 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
 
 // ---- backward --------------------------------------------------------------------------
 
-// The gradient of n elements; kPerUnit: element i is unit i (mu0, mu1, w_gap are arrays), else
-// all elements share one unit (they point to one value each). go: grad of relu(y), or null.
-// huge_mu: some |mu| is above kSquareSafe (or not finite), so every element takes exact_squares;
-// else the vector loop leaves for a loop of exact_squares at the first y above kSquareSafe, so
-// that the common loop holds no more than it needs.
+// The gradient of n elements; kPerUnit: element i is unit i (mu0, mu1, mid, w_gap are arrays),
+// else all elements share one unit (they point to one value each). go: grad of relu(y), or null.
+// huge_mu: some |mu| is above `safe` (or not finite), so every element takes guarded_gradient;
+// else the vector loop leaves for a loop of guarded_gradient at the first y above `safe`, so that
+// the common loop holds no more than it needs.
 template <typename scalar_t, typename acc_t, bool kPerUnit, bool kGradOut>
 void gradient_run(const scalar_t* y, const scalar_t* go, acc_t* g, int64_t n, acc_t w,
-                  const acc_t* mu0, const acc_t* mu1, const acc_t* w_gap, bool huge_mu) {
+                  const acc_t* mu0, int64_t stride, acc_t safe, bool huge_mu) {
   using Vec = Vectorized<acc_t>;
   if (n <= 0) return;
+  const acc_t *mu1 = mu0 + stride, *mid = mu1 + stride, *w_gap = mid + stride;
   // one unit's coefficients held in registers (read through the pointers, the compiler would
   // reload them after every store to g)
-  const BackwardCoef<Vec> unit{Vec(*mu0), Vec(*mu1), Vec(*w_gap), Vec(w), Vec(2 * w)};
+  const BackwardCoef<Vec> unit{Vec(*mu0), Vec(*mu1), Vec(*mid), Vec(*w_gap), Vec(2 * w)};
   auto coef_at = [&](int64_t i) {
     return kPerUnit ? BackwardCoef<Vec>{Vec::loadu(mu0 + i), Vec::loadu(mu1 + i),
-                                        Vec::loadu(w_gap + i), unit.w, unit.two_w}
+                                        Vec::loadu(mid + i), Vec::loadu(w_gap + i), unit.two_w}
                     : unit;
   };
   auto relu_grad = [&](const Vec& v, int64_t i) {
@@ -467,25 +458,26 @@ void gradient_run(const scalar_t* y, const scalar_t* go, acc_t* g, int64_t n, ac
   };
   int64_t i = 0;
   if (!huge_mu) {
+    const Vec safe_v(safe);
     for (; i + Vec::size() <= n; i += Vec::size()) {
       prefetch(y + i + kPrefetch);
       if constexpr (kGradOut) prefetch(go + i + kPrefetch);
       const Vec v = load_vec<acc_t>(y + i);
-      if (any_huge(v)) break;
+      if (any_huge(v, safe_v)) break;
       gradient(v, relu_and_probs(v), coef_at(i), relu_grad(v, i)).store(g + i);
     }
   }
   for (; i + Vec::size() <= n; i += Vec::size()) {
     const Vec v = load_vec<acc_t>(y + i);
-    (exact_squares(v, relu_and_probs(v), coef_at(i)) + relu_grad(v, i)).store(g + i);
+    guarded_gradient(v, relu_and_probs(v), coef_at(i), relu_grad(v, i)).store(g + i);
   }
   for (; i < n; ++i) {
     const int64_t j = kPerUnit ? i : 0;
-    const BackwardCoef<acc_t> k{mu0[j], mu1[j], w_gap[j], w, 2 * w};
+    const BackwardCoef<acc_t> k{mu0[j], mu1[j], mid[j], w_gap[j], 2 * w};
     const acc_t yi = static_cast<acc_t>(y[i]);
     const acc_t relu = kGradOut ? where_positive(yi, static_cast<acc_t>(go[i])) : acc_t(0);
-    g[i] = huge_mu || any_huge(yi) ? exact_squares(yi, relu_and_probs(yi), k) + relu
-                                   : gradient(yi, relu_and_probs(yi), k, relu);
+    g[i] = huge_mu || any_huge(yi, safe) ? guarded_gradient(yi, relu_and_probs(yi), k, relu)
+                                         : gradient(yi, relu_and_probs(yi), k, relu);
   }
 }
 
@@ -510,20 +502,25 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
   const int64_t numel = A * C * B;
   const int64_t rows = B == 1 ? ceil_div(A, per_row) : A * C;
 
-  // (mu0, mu1, w (mu0 - mu1)) per element of a row when B == 1 (the C units repeated per_row
-  // times), else per unit: rows of a (3, P) buffer.
+  // (mu0, mu1, h, 2 w (mu0 - mu1)) per element of a row when B == 1 (the C units repeated
+  // per_row times), else per unit: rows of a (4, P) buffer. h and the gap in double, rounded once.
   const acc_t* mup = mu.const_data_ptr<acc_t>();
   const int64_t P = B == 1 ? L : C;
-  std::vector<acc_t> coef(3 * P);
+  std::vector<acc_t> coef(4 * P);
+  // the common loop's bound on y and |mu| (see gradient()): its products stay finite below it
+  const acc_t safe = kSquareSafe<acc_t> / std::sqrt(std::max(acc_t(1), std::abs(w)));
   bool huge_mu = false;
   for (int64_t c = 0; c < C; ++c) {
     const acc_t mu0 = mup[c], mu1 = mup[C + c];
+    const acc_t mid = static_cast<acc_t>(0.5 * (static_cast<double>(mu0) + mu1));
+    const acc_t w_gap = static_cast<acc_t>(2.0 * w * (static_cast<double>(mu0) - mu1));
     for (int64_t j = c; j < P; j += C) {
       coef[j] = mu0;
       coef[P + j] = mu1;
-      coef[2 * P + j] = w * (mu0 - mu1);
+      coef[2 * P + j] = mid;
+      coef[3 * P + j] = w_gap;
     }
-    huge_mu |= !(std::abs(mu0) <= kSquareSafe<acc_t> && std::abs(mu1) <= kSquareSafe<acc_t>);
+    huge_mu |= !(std::abs(mu0) <= safe && std::abs(mu1) <= safe);
   }
 
   at::Tensor grad_out;
@@ -557,15 +554,15 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
           g = gbuf;
         }
         const int64_t c = B == 1 ? i : r % C;  // the (first) unit
-        const acc_t *mu0 = coef.data() + c, *mu1 = mu0 + P, *w_gap = mu0 + 2 * P;
+        const acc_t* mu0 = coef.data() + c;    // then mu1, h, w_gap, P apart
         if (B == 1 && go != nullptr) {
-          gradient_run<scalar_t, acc_t, true, true>(y, go, g, n, w, mu0, mu1, w_gap, huge_mu);
+          gradient_run<scalar_t, acc_t, true, true>(y, go, g, n, w, mu0, P, safe, huge_mu);
         } else if (B == 1) {
-          gradient_run<scalar_t, acc_t, true, false>(y, go, g, n, w, mu0, mu1, w_gap, huge_mu);
+          gradient_run<scalar_t, acc_t, true, false>(y, go, g, n, w, mu0, P, safe, huge_mu);
         } else if (go != nullptr) {
-          gradient_run<scalar_t, acc_t, false, true>(y, go, g, n, w, mu0, mu1, w_gap, huge_mu);
+          gradient_run<scalar_t, acc_t, false, true>(y, go, g, n, w, mu0, P, safe, huge_mu);
         } else {
-          gradient_run<scalar_t, acc_t, false, false>(y, go, g, n, w, mu0, mu1, w_gap, huge_mu);
+          gradient_run<scalar_t, acc_t, false, false>(y, go, g, n, w, mu0, P, safe, huge_mu);
         }
         if constexpr (!kSame) at::vec::convert(gbuf, gp + offset + i, n);
       }

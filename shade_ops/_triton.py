@@ -220,30 +220,26 @@ def _cast_to(x, DTYPE: tl.constexpr):
 @triton.jit
 def _penalty_terms(y, mu0, mu1, s, q):
     # s (y - mu1)^2 + q (y - mu0)^2 as it reads: two non-negative terms, whose sum never cancels
-    # however far apart mu0 and mu1 are. The squares come before the products, as in the
-    # reference: a square that overflows times a probability of 0 is NaN in both.
+    # however far apart mu0 and mu1 are. Each probability multiplies its distance before the
+    # distance squares it, as in the reference: where a square overflows and its probability is 0
+    # (s at y = -1e30, q at y = 1e30) the term is 0, not 0 * inf = NaN.
     d1 = y - mu1
     d0 = y - mu0
-    return s * (d1 * d1) + q * (d0 * d0)
+    return (s * d1) * d1 + (q * d0) * d0
 
 
 @triton.jit
-def _penalty_gradient(y, mu0, mu1, w):
+def _penalty_gradient(y, mu0, mu1, mid, w_gap, two_w):
     # w (s'(y) (d1^2 - d0^2) + 2 (s d1 + q d0)) of SPEC section 3, s'(y) = q where y > 0, with
-    # d1^2 - d0^2 = (mu0 - mu1) (d1 + d0): a product, which does not cancel. Only where a square
-    # overflows (or is NaN) is it the difference of the squares' non-finite parts, inf or NaN, as
-    # in the reference. (Not square1 - square0: fused into fma(d1, d1, -square0), its product
-    # would not overflow.)
+    # d1^2 - d0^2 = 2 (mu0 - mu1) (y - mid), mid = (mu0 + mu1) / 2: a product, which does not
+    # cancel, and y - mid is one rounding from the exact value (d1 + d0 in its place lost accuracy
+    # in proportion to |mu|). w_gap = 2 w (mu0 - mu1), two_w = 2 w. The probability multiplies the
+    # weight before the distance, and s d1 + q d0 is a convex combination of the distances, so a
+    # probability of 0 times a finite distance is 0: the gradient is finite wherever the exact one
+    # is (y = 1e30 included), as in the reference.
     s, q = _probabilities(y)
-    d1 = y - mu1
-    d0 = y - mu0
-    square1 = d1 * d1
-    square0 = d0 * d0
-    finite1 = tl.abs(square1) < float("inf")  # False for NaN too
-    finite0 = tl.abs(square0) < float("inf")
-    non_finite = tl.where(finite1, 0.0, square1) - tl.where(finite0, 0.0, square0)
-    difference = tl.where(finite1 & finite0, (mu0 - mu1) * (d1 + d0), non_finite)
-    return w * (tl.where(y > 0, q * difference, 0.0) + (s * (d1 + d1) + q * (d0 + d0)))
+    squares = tl.where(y > 0, (q * w_gap) * (y - mid), 0.0)
+    return squares + two_w * (s * (y - mu1) + q * (y - mu0))
 
 
 @triton.jit
@@ -475,6 +471,11 @@ def _penalty_bwd_kernel(
     mu0 = tl.load(mu_ptr + unit * stride_mu_c, mask=col_mask, other=0).to(ACC)[None, :]
     mu1 = tl.load(mu_ptr + stride_mu_z + unit * stride_mu_c, mask=col_mask,
                   other=0).to(ACC)[None, :]
+    # per unit: the midpoint and 2 w (mu0 - mu1); a sum or difference of two ACC values is the
+    # exact one rounded once, and the halving is exact
+    mid = (mu0 + mu1) * 0.5
+    two_w = 2 * w
+    w_gap = two_w * (mu0 - mu1)
 
     row_start = chunk * rows_per_chunk
     row_end = tl.minimum(row_start + rows_per_chunk, A)
@@ -487,7 +488,7 @@ def _penalty_bwd_kernel(
             row_off = tl.multiple_of(row_off, ALIGN)
             out_off = tl.multiple_of(out_off, ALIGN)
         y = tl.load(y_ptr + row_off[:, None] + col_off[None, :], mask=mask, other=0).to(ACC)
-        grad = _penalty_gradient(y, mu0, mu1, w)
+        grad = _penalty_gradient(y, mu0, mu1, mid, w_gap, two_w)
         if HAS_GRAD_OUT:  # the fused ShadeReLU: + grad_out * relu'(y)
             go_row_off = rows * go_stride_a
             if ALIGN > 1:

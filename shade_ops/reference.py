@@ -1,7 +1,8 @@
 """SHADE in plain eager PyTorch: the oracle of every test and the baseline of every benchmark.
 
-Written to be read next to SPEC.md, not to be fast. Autograd differentiates it, so the gradient of
-SPEC section 3 is checked against an independent derivation.
+Written to be read next to SPEC.md, not to be fast. The gradient is SPEC section 3 in a form that
+keeps float32 accuracy whatever the distance between the means (``_penalty_term_gradient``), and the
+tests check it against finite differences and against SPEC's formula evaluated in float64.
 """
 from __future__ import annotations
 
@@ -26,11 +27,8 @@ def batch_statistics(y: torch.Tensor, mu: torch.Tensor, unit_dim: int = 1,
     count = samples.shape[0]
     mu0, mu1 = mu.detach().to(acc)
 
-    r = torch.relu(samples)
-    q = torch.exp(-r)     # p(Z=0 | y)
-    s = -torch.expm1(-r)  # p(Z=1 | y) = 1 - q, sigma(y) in the paper; 1 - q itself would keep
-                          # only an absolute accuracy, and s (y - mu1)^2 needs a relative one
-    terms = s * (samples - mu1) ** 2 + q * (samples - mu0) ** 2
+    s, q = _probabilities(samples.detach())  # the penalty's gradient is _PenaltyTerms's
+    terms = _PenaltyTerms.apply(samples, s, q, mu0, mu1)
 
     if count == 0:
         penalty = terms.sum()  # an empty batch costs nothing
@@ -45,6 +43,73 @@ def batch_statistics(y: torch.Tensor, mu: torch.Tensor, unit_dim: int = 1,
         torch.full((num_units,), float(count), dtype=acc, device=y.device),
     ]).detach()
     return penalty, sums
+
+
+def _probabilities(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, q) of SPEC section 2 for samples ``x``."""
+    r = torch.relu(x)
+    q = torch.exp(-r)     # p(Z=0 | y)
+    s = -torch.expm1(-r)  # p(Z=1 | y) = 1 - q, sigma(y) in the paper; 1 - q itself would keep
+                          # only an absolute accuracy, and s (y - mu1)^2 needs a relative one
+    return s, q
+
+
+def _penalty_terms(x: torch.Tensor, s: torch.Tensor, q: torch.Tensor, mu0: torch.Tensor,
+                   mu1: torch.Tensor) -> torch.Tensor:
+    """s (y - mu1)^2 + q (y - mu0)^2 per sample: two non-negative terms, so no cancellation.
+
+    Each probability multiplies its distance before the distance squares it: (s d1) d1, not
+    s (d1 d1). Where a square overflows and its probability is 0 (s at y = -1e30, q at y = 1e30)
+    the term is then 0 * d * d = 0, not 0 * inf = NaN, and the penalty is +inf where the exact
+    one overflows, NaN only from a NaN or infinite y.
+    """
+    d1, d0 = x - mu1, x - mu0
+    return (s * d1) * d1 + (q * d0) * d0
+
+
+def _penalty_term_gradient(x: torch.Tensor, mu0: torch.Tensor, mu1: torch.Tensor,
+                           w: torch.Tensor) -> torch.Tensor:
+    """``w`` times d/dy of ``_penalty_terms``: SPEC section 3, in differentiable ops.
+
+    SPEC's s'(y) ((y - mu1)^2 - (y - mu0)^2) is taken as the product 2 (mu0 - mu1) (y - h), with
+    h = (mu0 + mu1) / 2 the midpoint: y - h is one rounding from the exact value, so the term
+    keeps float32's relative accuracy, where (y - mu1) + (y - mu0) adds two roundings of size
+    eps |mu| and, times mu0 - mu1, lost accuracy in proportion to |mu| (5e-3 relative at
+    |mu| = 1e5). The rest, 2 (s (y - mu1) + q (y - mu0)), is a convex combination of the two
+    distances (s + q = 1): exact to a few roundings of s |y - mu1| + q |y - mu0| for every y
+    (y <= 0 gives s = 0, so it is y - mu0 itself). Rewritten as (y - mu0) - s (mu1 - mu0) it
+    would lose y - mu1's accuracy where y is near a far mu1.
+
+    The weight multiplies a probability before a distance (q (2 w (mu0 - mu1)) (y - h), then
+    s'(y) selects it), so that a probability of 0 times a distance that does not overflow is 0:
+    the gradient is finite wherever the exact one is, y = 1e30 included.
+    """
+    s, q = _probabilities(x)
+    d1, d0 = x - mu1, x - mu0
+    midpoint = (mu0 + mu1) / 2
+    squares = torch.where(x > 0, (q * (2 * w * (mu0 - mu1))) * (x - midpoint), 0.0)
+    return squares + (2 * w) * (s * d1 + q * d0)
+
+
+class _PenaltyTerms(torch.autograd.Function):
+    """``_penalty_terms(x, s, q, mu0, mu1)``, s and q those of x, with ``_penalty_term_gradient``
+    as its derivative in x: autograd's own, the difference of the squares' derivatives, cancels
+    (0.1 relative at |mu| = 1e6 in float32). The backward is made of differentiable ops of x, so
+    grad of grad works."""
+
+    @staticmethod
+    def forward(x, s, q, mu0, mu1):
+        return _penalty_terms(x, s, q, mu0, mu1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, _, mu0, mu1 = inputs
+        ctx.save_for_backward(x, mu0, mu1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mu0, mu1 = ctx.saved_tensors
+        return _penalty_term_gradient(x, mu0, mu1, grad), None, None, None, None
 
 
 def updated_state(p: torch.Tensor, mu: torch.Tensor, sums: torch.Tensor,
@@ -109,15 +174,9 @@ def penalty_grad(grad_penalty: torch.Tensor, y: torch.Tensor, mu: torch.Tensor, 
     x = y.to(acc)
     per_unit = (1, y.shape[1]) + (1,) * (y.dim() - 2)
     mu0, mu1 = (m.to(acc).reshape(per_unit) for m in mu.detach())
-    r = torch.relu(x)
-    q = torch.exp(-r)
-    s = -torch.expm1(-r)  # 1 - q to a relative accuracy, as in batch_statistics
-    ds = torch.where(x > 0, q, torch.zeros_like(q))  # s'(y), 0 at y == 0
-    d1, d0 = x - mu1, x - mu0
     count = y.numel() // max(y.shape[1], 1)
     w = grad_penalty.to(acc) / max(count, 1) if reduction == "mean" else grad_penalty.to(acc)
-    # (y - mu1)^2 - (y - mu0)^2 as a product: no cancellation between large squares
-    grad = w * (ds * (mu0 - mu1) * (d1 + d0) + 2 * (s * d1 + q * d0))
+    grad = _penalty_term_gradient(x, mu0, mu1, w)
     if grad_out is not None:
         grad = grad + grad_out.to(acc) * (x > 0)
     return grad.to(y.dtype)
