@@ -33,6 +33,10 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr int64_t kGrain = 16384;    // elements of y in one work item
+// Calls on at most this many elements stay on the calling thread: waking a second one costs about what the
+// work saves, and on a machine whose other core is busy that thread may not run for
+// milliseconds (docs/benchmarks.md, "Per-call cost").
+constexpr int64_t kSerial = 65536;
 constexpr int64_t kMaxChunks = 64;   // bound on the partial sums kept per unit
 constexpr int64_t kTile = 1024;      // elements in one backward row of units-innermost (B == 1) y
 constexpr int kSums = 4;             // sum s, sum s*y, sum q*y, sum of the penalty terms
@@ -357,9 +361,10 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
   const int64_t chunks = numel > 0 ? ceil_div(rows, R) : 0;
   at::Tensor partial = at::empty({chunks * kSums * C}, acc_options);
   acc_t* pp = partial.mutable_data_ptr<acc_t>();
+  const int64_t chunk_grain = numel <= kSerial ? std::max<int64_t>(1, chunks) : 1;
 
   if (numel > 0 && B == 1) {
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, chunks, chunk_grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> obuf;
       for (int64_t k = begin; k < end; ++k) {
         const int64_t a0 = k * R, n_rows = std::min(R, A - a0);
@@ -384,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
       }
     });
   } else if (numel > 0) {
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, chunks, chunk_grain, [&](int64_t begin, int64_t end) {
       std::vector<RunSums<acc_t>> units;
       acc_t obuf[std::is_same_v<scalar_t, acc_t> ? 1 : kTile];
       for (int64_t k = begin; k < end; ++k) {
@@ -416,7 +421,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
   // Fixed-order reduction of the chunk partials, then the penalty.
   at::Tensor sums = at::zeros({kSums, C}, acc_options);  // row 3 holds the penalty terms here
   acc_t* sp = sums.mutable_data_ptr<acc_t>();
-  at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, chunks * kSums * C <= kSerial ? C : 256, [&](int64_t c0, int64_t c1) {
     for (int64_t k = 0; k < chunks; ++k) {
       for (int j = 0; j < kSums; ++j) {
         for (int64_t c = c0; c < c1; ++c) sp[j * C + c] += pp[(k * kSums + j) * C + c];
@@ -533,7 +538,8 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
 
-  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, L));
+  const int64_t grain =
+      numel <= kSerial ? rows : std::max<int64_t>(1, kGrain / std::max<int64_t>(1, L));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t offset = r * L, length = std::min(L, numel - offset);
