@@ -259,9 +259,9 @@ def convert(zoo: Zoo, model: nn.Module, x: torch.Tensor, applications: int
     """``convert``; ``convert_fx`` when a training forward of the converted model has fewer
     SHADE call sites than the model has ReLU applications (functional ReLUs)."""
     kwargs = dict(unit_dim=zoo.unit_dim, backend="cpu")  # the native kernel, no silent fallback
-    probe = shade_ops.convert(copy.deepcopy(model), **kwargs)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the 'no penalty' warning of a model that needs fx
+        warnings.simplefilter("ignore")  # the 'no ReLU module' warnings of a model that needs fx
+        probe = shade_ops.convert(copy.deepcopy(model), **kwargs)
         probe(x)
     sites = sum(len(states) for states in shade_ops.call_sites(probe).values())
     if sites >= applications:
@@ -349,11 +349,12 @@ def write_table(prefix: Path) -> None:
              f"mode. Relative error of `collect` against the sum of `shade_ops.reference.penalty` "
              f"over the recorded ReLU applications, at step 1 and at step 2 (after an SGD step "
              f"and the states' first update); grad: the 2-norm relative error of the parameter "
-             f"gradient (task loss + {BETA} * collect) against the reference penalty's; bf16: under `torch.autocast('cpu', bfloat16)`, "
-             f"against the reference on the same bf16 activations.", "",
+             f"gradient (task loss + {BETA} * collect) against the reference penalty's; bf16: "
+             f"under `torch.autocast('cpu', bfloat16)`, against the reference on the same bf16 "
+             f"activations; compile: `torch.compile` equal to eager.", "",
              "| library | model | input | ReLU applications | SHADE call sites | coverage | "
-             "rel. err. step 1 | rel. err. step 2 | grad rel. err. | bf16 rel. err. | channels-last rel. err. | "
-             "compile | convert | torch | s |",
+             "rel. err. step 1 | rel. err. step 2 | grad rel. err. | bf16 rel. err. | "
+             "channels-last rel. err. | compile | convert | torch | s |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|"]
     for r in rows:
         lines.append(
