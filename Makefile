@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
 .PHONY: setup build test test-fast demo bench bench-quick bench-percall gpu-check triton-compat exp-ulp \
-	figures clean
+	figures clean zoo-setup zoo
 
 setup: $(STAMP)
 
@@ -92,7 +92,42 @@ triton-compat: build
 		> $(COMPAT_DIR)/compile_sm90_triton_ci$(COMPAT_TAG).json
 
 clean:
-	rm -rf build shade_ops/*.so $(VENV) $(VENV36) .pytest_cache .benchmarks
+	rm -rf build shade_ops/*.so $(VENV) $(VENV36) $(ZOO_VENV) .pytest_cache .benchmarks
+
+# The model zoo (tests/zoo): real torchvision, timm and transformers models with random weights,
+# in a venv of their own, since the pinned CPU torch has no torchvision here: ZOO_TORCH_SPEC (a
+# CUDA build, which runs on CPU) with timm and transformers. shade_ops goes into it built against
+# that torch, non-editable, from a copy of the tracked sources (build/zoo-src), so that .venv's
+# in-place build (shade_ops/_C*.so, build/temp*) is neither used nor overwritten; the tests run
+# from build/zoo-run, where `import shade_ops` finds the installed copy only. `make zoo` writes
+# the table to $(ZOO_OUT).md and .json.
+ZOO_VENV ?= .venv-zoo
+ZOO_PY := $(ZOO_VENV)/bin/python
+ZOO_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+ZOO_SPEC ?= timm==1.0.31 transformers==5.25.0
+ZOO_OUT ?= benchmarks/results/zoo_$(shell date -u +%F)
+ZOO_SRC := build/zoo-src
+ZOO_DEPS := $(ZOO_VENV)/.deps
+ZOO_STAMP := $(ZOO_VENV)/.installed
+
+zoo-setup: $(ZOO_STAMP)
+
+$(ZOO_DEPS):
+	$(PYTHON) -m venv $(ZOO_VENV)
+	$(ZOO_PY) -m pip install --quiet $(ZOO_TORCH_SPEC) $(ZOO_SPEC) pytest ninja numpy "setuptools>=64" wheel
+	touch $(ZOO_DEPS)
+
+$(ZOO_STAMP): $(ZOO_DEPS) $(shell git ls-files shade_ops csrc setup.py pyproject.toml)
+	rm -rf $(ZOO_SRC)
+	mkdir -p $(ZOO_SRC)
+	git ls-files -z | tar --null -T - -c | tar -x -C $(ZOO_SRC)
+	cd $(ZOO_SRC) && $(abspath $(ZOO_PY)) -m pip install --quiet --no-build-isolation --no-deps .
+	touch $(ZOO_STAMP)
+
+zoo: $(ZOO_STAMP)
+	mkdir -p build/zoo-run $(dir $(ZOO_OUT))
+	cd build/zoo-run && HF_HUB_OFFLINE=1 SHADE_ZOO_OUT=$(abspath $(ZOO_OUT)) \
+		$(abspath $(ZOO_PY)) -m pytest -p no:cacheprovider $(CURDIR)/tests/zoo
 
 # The exhaustive accuracy check of the CPU kernels' exp (csrc/tools/exp_ulp.cpp), built with the
 # flags setup.py gives the extension on this machine.

@@ -171,6 +171,8 @@ def end_forward(model: nn.Module, args, output) -> None:
             not getattr(model, "_shade_ops_warned_unused", False):
         model._shade_ops_warned_unused = True
         layers = [m for m in model.modules() if hasattr(m, "_num_sites")]
+        if not layers:  # a model without ReLU: convert / convert_fx said so already
+            return
         warnings.warn(
             f"shade_ops: a training forward of this {type(model).__name__} computed no SHADE "
             f"penalty ({len(layers)} SHADE layers, none called). If the model applies its ReLUs "

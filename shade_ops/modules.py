@@ -414,9 +414,9 @@ def convert(model: nn.Module, *, variable_calls: bool = False, **kwargs) -> nn.M
     replaced: dict[int, ShadeReLU] = {}
     _replace_relus(model, kwargs, replaced)
     if not replaced and not _shade_layers(model):
-        warnings.warn(f"shade_ops.convert found no nn.ReLU in this {type(model).__name__}; if it "
-                      f"applies ReLU as a function (F.relu, torch.relu), use "
-                      f"shade_ops.convert_fx(model)", stacklevel=2)
+        from .fx import no_relu_message  # fx imports this module
+        warnings.warn(no_relu_message("convert", model) + " If it applies ReLU as a function "
+                      "(F.relu, torch.relu), use shade_ops.convert_fx(model).", stacklevel=2)
     return track(model, variable_calls=variable_calls)
 
 
