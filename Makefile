@@ -97,7 +97,7 @@ clean:
 # The model zoo (tests/zoo): real torchvision, timm and transformers models with random weights,
 # in a venv of their own, since the pinned CPU torch has no torchvision here: ZOO_TORCH_SPEC (a
 # CUDA build, which runs on CPU) with timm and transformers. shade_ops goes into it built against
-# that torch, non-editable, from a copy of the tracked sources (build/zoo-src), so that .venv's
+# that torch, from the sdist of a copy of the tracked sources (build/zoo-src), so that .venv's
 # in-place build (shade_ops/_C*.so, build/temp*) is neither used nor overwritten; the tests run
 # from build/zoo-run, where `import shade_ops` finds the installed copy only. `make zoo` writes
 # the table to $(ZOO_OUT).md and .json.
@@ -121,7 +121,8 @@ $(ZOO_STAMP): $(ZOO_DEPS) $(shell git ls-files shade_ops csrc setup.py pyproject
 	rm -rf $(ZOO_SRC)
 	mkdir -p $(ZOO_SRC)
 	git ls-files -z | tar --null -T - -c | tar -x -C $(ZOO_SRC)
-	cd $(ZOO_SRC) && $(abspath $(ZOO_PY)) -m pip install --quiet --no-build-isolation --no-deps .
+	cd $(ZOO_SRC) && $(abspath $(ZOO_PY)) setup.py --quiet sdist --dist-dir dist
+	$(ZOO_PY) -m pip install --quiet --no-build-isolation --no-deps $(ZOO_SRC)/dist/shade_ops-*.tar.gz
 	touch $(ZOO_STAMP)
 
 zoo: $(ZOO_STAMP)
