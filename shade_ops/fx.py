@@ -12,15 +12,13 @@ that tracks each copy again (and pickles as that subclass).
 from __future__ import annotations
 
 import copy
-import re
 import warnings
-from collections import Counter
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .modules import ShadeReLU, track
+from .modules import ShadeReLU, no_relu_message, track
 
 __all__ = ["convert_fx"]
 
@@ -73,22 +71,6 @@ def _rebuild_tracked(rebuild, args, variable_calls: bool) -> fx.GraphModule:
     return track(graph_model, variable_calls=variable_calls)
 
 
-# Activations that are not ReLU (by class or function name), which SHADE leaves alone.
-_OTHER_ACTIVATION = re.compile(r"relu6|silu|swish|gelu|mish|elu|sigmoid|tanh|softplus", re.I)
-
-
-def no_relu_message(finder: str, model: nn.Module, names=()) -> str:
-    """What convert / convert_fx say of a model in which they found no ReLU at all, naming the
-    other activations it has (module classes, and ``names`` of functions from a graph)."""
-    found = Counter(name for name in [*(type(m).__name__ for m in model.modules()), *names]
-                    if _OTHER_ACTIVATION.search(name) and name.lower() != "relu")
-    text = (f"shade_ops.{finder} found no ReLU in this {type(model).__name__}: nothing in it "
-            f"gets SHADE.")
-    if found:
-        listed = ", ".join(f"{name} (x{count})" for name, count in found.most_common())
-        text += (f" Its activations are {listed}: SHADE is defined on ReLU units, and these stay "
-                 f"as they are (shade_ops.attach(layer) puts SHADE on a layer's output by hand).")
-    return text
 
 
 def convert_fx(model: nn.Module, *, concrete_args: dict | None = None,

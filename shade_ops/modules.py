@@ -10,8 +10,10 @@ updates held until the forward ends and every layer's number of calls matched it
 """
 from __future__ import annotations
 
+import re
 import threading
 import warnings
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -396,6 +398,24 @@ def track(model: nn.Module, *, variable_calls: bool = False) -> nn.Module:
     return model
 
 
+# Activations that are not ReLU (by class or function name), which SHADE leaves alone.
+_OTHER_ACTIVATION = re.compile(r"relu6|silu|swish|gelu|mish|elu|sigmoid|tanh|softplus", re.I)
+
+
+def no_relu_message(finder: str, model: nn.Module, names=()) -> str:
+    """What convert / convert_fx say of a model in which they found no ReLU at all, naming the
+    other activations it has (module classes, and ``names`` of functions from a graph)."""
+    found = Counter(name for name in [*(type(m).__name__ for m in model.modules()), *names]
+                    if _OTHER_ACTIVATION.search(name) and name.lower() != "relu")
+    text = (f"shade_ops.{finder} found no ReLU in this {type(model).__name__}: nothing in it "
+            f"gets SHADE.")
+    if found:
+        listed = ", ".join(f"{name} (x{count})" for name, count in found.most_common())
+        text += (f" Its activations are {listed}: SHADE is defined on ReLU units, and these stay "
+                 f"as they are (shade_ops.attach(layer) puts SHADE on a layer's output by hand).")
+    return text
+
+
 def convert(model: nn.Module, *, variable_calls: bool = False, **kwargs) -> nn.Module:
     """Replace every ``nn.ReLU`` in ``model`` (nested ones, ``inplace=True`` ones, one instance
     held in several places) with a ``ShadeReLU(**kwargs)``, in place, and :func:`track` the model
@@ -414,7 +434,6 @@ def convert(model: nn.Module, *, variable_calls: bool = False, **kwargs) -> nn.M
     replaced: dict[int, ShadeReLU] = {}
     _replace_relus(model, kwargs, replaced)
     if not replaced and not _shade_layers(model):
-        from .fx import no_relu_message  # fx imports this module
         warnings.warn(no_relu_message("convert", model) + " If it applies ReLU as a function "
                       "(F.relu, torch.relu), use shade_ops.convert_fx(model).", stacklevel=2)
     return track(model, variable_calls=variable_calls)
