@@ -171,13 +171,17 @@ def end_forward(model: nn.Module, args, output) -> None:
             not getattr(model, "_shade_ops_warned_unused", False):
         model._shade_ops_warned_unused = True
         layers = [m for m in model.modules() if hasattr(m, "_num_sites")]
-        if not layers:  # a model without ReLU: convert / convert_fx said so already
-            return
+        if not layers and isinstance(model, torch.fx.GraphModule):
+            advice = ("convert_fx found no ReLU call in its graph (its warning named the "
+                      "activations it has): it trains without SHADE; shade_ops.attach(layer) "
+                      "puts SHADE on a layer's output by hand.")
+        else:
+            advice = ("If the model applies its ReLUs as functions (F.relu, torch.relu), "
+                      "shade_ops.convert cannot see them: use shade_ops.convert_fx(model).")
         warnings.warn(
             f"shade_ops: a training forward of this {type(model).__name__} computed no SHADE "
-            f"penalty ({len(layers)} SHADE layers, none called). If the model applies its ReLUs "
-            f"as functions (F.relu, torch.relu), shade_ops.convert cannot see them: use "
-            f"shade_ops.convert_fx(model). (This warning is shown once.)", stacklevel=2)
+            f"penalty ({len(layers)} SHADE layers, none called). {advice} (This warning is shown "
+            f"once.)", stacklevel=2)
 
 
 def _times(n: int) -> str:

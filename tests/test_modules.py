@@ -270,9 +270,10 @@ def test_ddp_example_runs_with_torchrun():
     assert result.stdout.count("identical on all ranks: True") == 2
 
 
-def test_a_model_without_relu_is_named_once_with_its_activations():
+def test_a_model_without_relu_is_named_with_its_activations():
     """mobilenet_v2's ReLU6, efficientnet's SiLU: convert and convert_fx say there is no ReLU and
-    name what there is; the training forward adds no second, misleading warning."""
+    name what there is; the training forward that then computes no penalty says so too, without
+    sending a convert_fx model back to convert_fx."""
     for convert in (shade_ops.convert, shade_ops.convert_fx):
         model = nn.Sequential(nn.Linear(4, 6), nn.ReLU6(), nn.Linear(6, 6), nn.SiLU())
         with warnings.catch_warnings(record=True) as caught:
@@ -280,6 +281,8 @@ def test_a_model_without_relu_is_named_once_with_its_activations():
             model = convert(model)
             model(torch.randn(3, 4))
         messages = [str(w.message) for w in caught]
-        assert len(messages) == 1, messages
+        assert len(messages) == 2, messages
         assert "found no ReLU" in messages[0] and "ReLU6 (x1)" in messages[0]
         assert "SiLU (x1)" in messages[0]
+        assert "computed no SHADE penalty" in messages[1]
+        assert ("use shade_ops.convert_fx" in messages[1]) == (convert is shade_ops.convert)
