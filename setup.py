@@ -13,8 +13,9 @@ Environment variables:
     SHADE_OPS_ISA=avx2          cap the instruction set at AVX2
     SHADE_OPS_CUDA=0            leave out csrc/*.cu
     SHADE_OPS_NO_EXTENSION=1    install the pure-Python package (the reference backend) only
-    SHADE_OPS_REQUIRE_EXTENSION=1   fail the install when the extension does not compile, instead
-                                of installing without it
+    SHADE_OPS_REQUIRE_EXTENSION=1   fail the install when the extension cannot be built for want of
+                                a working compiler, instead of installing without it (an error
+                                in csrc/ with a working compiler always fails the build)
 """
 import glob
 import os
@@ -88,6 +89,19 @@ def _compiler_accepts(flags: list[str], body: str) -> bool:
         return result.returncode == 0
 
 
+def _compiler_works() -> bool:
+    """Whether the C++ compiler (CXX, else c++) builds a trivial program."""
+    compiler = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            result = subprocess.run([compiler, "-x", "c++", "-", "-o", os.path.join(tmp, "probe")],
+                                    input="int main() { return 0; }\n", text=True,
+                                    capture_output=True)
+        except OSError:
+            return False
+    return result.returncode == 0
+
+
 def cpu_flags() -> list[str]:
     """-O3, plus the best of AVX-512 and AVX2 that this compiler and this CPU both have.
 
@@ -158,8 +172,13 @@ def build_ext_class():
             try:
                 super().run()
             except Exception as error:  # noqa: BLE001  (any compiler or toolchain failure)
-                if os.environ.get("SHADE_OPS_REQUIRE_EXTENSION") == "1":
+                # An error in csrc/ with a working compiler fails the build: installing without
+                # the extension is for machines that cannot compile at all.
+                if os.environ.get("SHADE_OPS_REQUIRE_EXTENSION") == "1" or _compiler_works():
                     raise
+                if self.inplace:  # a library of an earlier build would load in its place
+                    for stale in glob.glob(os.path.join(ROOT, "shade_ops", "_C.*")):
+                        os.remove(stale)
                 print(f"\nshade_ops: WARNING: the C++ extension shade_ops._C could not be built "
                       f"({type(error).__name__}: {error}).\nInstalling without it: shade_ops "
                       f"will run on its reference backend (correct, much slower). For the fused "

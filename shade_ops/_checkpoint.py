@@ -66,6 +66,12 @@ def _checkpoint_hooks():
     return None
 
 
+def recomputing() -> bool:
+    """Whether this runs inside the recomputation of a non-reentrant checkpoint segment."""
+    found = _checkpoint_hooks()
+    return found is not None and found[0] == "_recomputation_hook"
+
+
 def _unknown_internals() -> RuntimeError:
     return RuntimeError(
         "shade_ops: a SHADE layer runs inside torch.utils.checkpoint, but the checkpoint's "

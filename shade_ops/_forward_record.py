@@ -22,6 +22,7 @@ import warnings
 import torch
 from torch import nn
 
+from . import _checkpoint
 from .functional import apply_update
 
 __all__ = ["Forward", "LastForward", "Part", "THREAD", "abandon", "begin_forward",
@@ -87,9 +88,21 @@ class LastForward(threading.local):
         return LastForward()
 
 
+def open_record(model: nn.Module) -> Forward | None:
+    """The record of ``model``'s forward if it is running in this thread, else None."""
+    for record in THREAD.open:
+        if record.model is model:
+            return record
+    return None
+
+
 def begin_forward(model: nn.Module, args) -> None:
     """Forward pre-hook of a tracked model: open its record, unless a forward of another tracked
-    model is open in this thread, which then owns the calls."""
+    model is open in this thread, which then owns the calls. Not in the recomputation of a
+    torch.utils.checkpoint segment, which computes no penalty and updates nothing (the SHADE
+    layers see to that): the model's last forward stays the first run's."""
+    if _checkpoint.recomputing():
+        return
     opened = THREAD.open
     if opened:
         if opened[-1].model is not model:
@@ -123,6 +136,8 @@ def abandon() -> None:
 def forward_returned(model: nn.Module, args, output) -> None:
     """Forward hook: the model's forward returned (end_forward, which runs on exceptions too,
     applies the updates only then)."""
+    if _checkpoint.recomputing():
+        return
     opened = THREAD.open
     if opened and opened[-1].model is model:
         opened[-1].returned = True
@@ -131,6 +146,8 @@ def forward_returned(model: nn.Module, args, output) -> None:
 def end_forward(model: nn.Module, args, output) -> None:
     """Forward hook (``always_call``): close the record; check every layer's number of calls
     against its call sites, then apply every update, or none and raise."""
+    if _checkpoint.recomputing():
+        return
     opened = THREAD.open
     if not opened:
         return

@@ -68,7 +68,10 @@ def load_native() -> tuple[ModuleType | None, str | None]:
     if spec is None or spec.origin is None:
         return None, ("shade_ops._C is not built (installed without a C++ compiler, or a source "
                       f"checkout that was never built); {BUILD_HINT}")
-    info = read_build_info(spec.origin)
+    try:
+        info = read_build_info(spec.origin)
+    except (OSError, ValueError) as error:  # unreadable, or empty (mmap refuses those)
+        return None, f"shade_ops._C could not be read ({error}); {BUILD_HINT}"
     why = torch_mismatch(info.get("torch", ""), torch.__version__) \
         or cpu_kernels_unusable(info.get("isa", ""))
     if why is not None:

@@ -469,7 +469,8 @@ def collect(model: nn.Module) -> torch.Tensor:
     _check_module(model, "collect")
     last = getattr(model, "_shade_ops_last", None)
     if isinstance(last, _forward_record.LastForward):
-        record = last.box[0]
+        # inside the model's own forward (a loss computed in forward): the calls so far
+        record = _forward_record.open_record(model) or last.box[0]
         if record is None:
             return torch.zeros(())
         record.collected = True

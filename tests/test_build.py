@@ -218,3 +218,32 @@ def test_install_without_a_compiler_runs_on_the_reference_backend(tmp_path):
     assert where.startswith(str(tmp_path / "site")) and "cpu" not in backends
     assert len(messages) == 1 and "shade_ops._C is not built" in messages[0]
     assert "--no-build-isolation" in messages[0] and "reference backend" in messages[0]
+
+
+@pytest.mark.slow
+def test_an_error_in_csrc_fails_the_build_where_a_compiler_works(tmp_path):
+    """Installing without the extension is for machines without a compiler: with one, a compile
+    error fails the build, instead of reporting success over an earlier library."""
+    source = tmp_path / "source"
+    shutil.copytree(os.path.join(ROOT, "csrc"), source / "csrc")
+    shutil.copy(os.path.join(ROOT, "setup.py"), source / "setup.py")
+    (source / "shade_ops").mkdir()
+    stale = source / "shade_ops" / "_C.cpython-311-x86_64-linux-gnu.so"
+    stale.write_bytes(b"an earlier build")
+    broken = source / "csrc" / "autograd.cpp"
+    broken.write_text("#error a deliberate error\n" + broken.read_text())
+    build = subprocess.run([sys.executable, "setup.py", "--quiet", "build_ext", "--inplace"],
+                           cwd=source, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "MAX_JOBS": "1"})
+    assert build.returncode != 0, build.stdout + build.stderr
+    assert "a deliberate error" in build.stdout + build.stderr
+
+
+def test_an_empty_library_file_falls_back(tmp_path, monkeypatch):
+    path = tmp_path / "_C.so"
+    path.write_bytes(b"")
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: importlib.machinery.ModuleSpec(name, None, origin=str(path)))
+    monkeypatch.setattr(importlib, "import_module", _must_not_load)
+    module, why = _registry.load_native()
+    assert module is None and why.startswith("shade_ops._C could not be read")

@@ -490,3 +490,47 @@ def test_a_copy_trains_exactly_like_the_original(make, copy_with):
     assert all(torch.equal(a, b) for a, b in zip(states_of(after), states_of(model)))
     after(x)
     assert shade_ops.call_sites(after) == shade_ops.call_sites(model)
+
+
+class LossInForward(nn.Module):
+    """A model that returns its loss, penalty included (Lightning-style, DataParallel losses)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.relu = nn.Linear(3, 4), nn.ReLU()
+
+    def forward(self, x):
+        h = self.relu(self.body(x))
+        return h.sum() + 0.1 * shade_ops.collect(self)
+
+
+def test_collect_inside_the_forward_gives_this_forward():
+    torch.manual_seed(0)
+    model = shade_ops.convert(LossInForward())
+    expected_state = ShadeState(4)
+    for step in range(3):
+        x = torch.randn(5, 3)
+        h = model.body(x).detach()
+        expected = h.relu().sum() + 0.1 * reference.penalty(h, expected_state)
+        loss = model(x)
+        loss.backward()  # a second step through a stale penalty would fail here
+        assert_close(loss.detach(), expected, torch.float32, "penalty", f"step {step}")
+        assert_state(model.relu.state, expected_state, f"step {step}")
+
+
+def test_a_checkpointed_tracked_model_keeps_its_penalties_after_backward():
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = shade_ops.convert(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4),
+                                            nn.ReLU()))
+    plain = copy.deepcopy(model)
+    x = torch.randn(6, 3)
+    out = checkpoint(model, x, use_reentrant=False)
+    before = shade_ops.collect(model)
+    (out.sum() + before).backward()
+    after = shade_ops.collect(model)
+    plain_out = plain(x)
+    assert torch.equal(after, before) and after.item() > 0
+    assert torch.equal(after, shade_ops.collect(plain))
+    assert_state(model[1].state, plain[1].state)
