@@ -40,6 +40,7 @@ def main() -> None:
                           nn.Linear(64, 10))
     shade_ops.convert(model, sync=True)
     model(x[:2])  # the ShadeReLUs take their sizes from a first input, before DDP wraps
+    shade_ops.collect(model)  # that forward's penalties, read and dropped (else the next warns)
     for m in model.modules():
         if isinstance(m, shade_ops.ShadeState):
             m.reset_state()
@@ -65,6 +66,10 @@ def main() -> None:
         accuracy = (model(x).argmax(1) == t).float().mean().item()
     print(f"rank {rank}: loss {loss.item():.4f}, shard accuracy {accuracy:.3f}, "
           f"SHADE states identical on all ranks: {same}", flush=True)
+    # every rank done with gloo before any tears it down: without it, a rank destroying the group
+    # while the other still talks aborted now and then ('terminate called without an active
+    # exception', SIGABRT), with or without SHADE
+    dist.barrier()
     dist.destroy_process_group()
     if not same:
         raise SystemExit(1)

@@ -221,6 +221,7 @@ def _sync_worker(rank: int, world: int, init_file: str, batch: torch.Tensor, que
         for _ in range(2):
             shade_ops.penalty(shard, state)
         queue.put((rank, state.p.tolist(), state.mu.tolist()))  # no shared memory to outlive us
+        dist.barrier()  # as examples/ddp_train.py: no rank tears gloo down under another
     finally:
         dist.destroy_process_group()
 
