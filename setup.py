@@ -75,31 +75,28 @@ def _host_flags() -> set[str]:
     return set()
 
 
-def _compiler_accepts(flags: list[str], body: str) -> bool:
+def _compiles(flags: list[str], program: str) -> bool:
+    """Whether the C++ compiler (CXX, else c++) builds ``program`` with ``flags``."""
     compiler = os.environ.get("CXX", "c++")
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "probe.cpp")
         with open(source, "w") as f:
-            f.write("#include <immintrin.h>\nint main() { " + body + " }\n")
+            f.write(program)
         try:
             result = subprocess.run([compiler, *flags, source, "-o", os.path.join(tmp, "probe")],
                                     capture_output=True)
-        except OSError:  # no compiler at all: the build itself reports it
+        except OSError:  # no compiler at all
             return False
         return result.returncode == 0
 
 
+def _compiler_accepts(flags: list[str], body: str) -> bool:
+    return _compiles(flags, "#include <immintrin.h>\nint main() { " + body + " }\n")
+
+
 def _compiler_works() -> bool:
-    """Whether the C++ compiler (CXX, else c++) builds a trivial program."""
-    compiler = os.environ.get("CXX", "c++")
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            result = subprocess.run([compiler, "-x", "c++", "-", "-o", os.path.join(tmp, "probe")],
-                                    input="int main() { return 0; }\n", text=True,
-                                    capture_output=True)
-        except OSError:
-            return False
-    return result.returncode == 0
+    """Whether the compiler builds a trivial program at all."""
+    return _compiles([], "int main() { return 0; }\n")
 
 
 def cpu_flags() -> list[str]:
