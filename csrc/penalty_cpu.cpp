@@ -1,8 +1,11 @@
 // Native CPU kernels of the SHADE penalty: one pass forward, one pass backward.
 //
 // y arrives as (A, C, B). Two layouts get their own loops:
-//   B == 1  units innermost ((N, C), channels-last): vectorised across units;
-//   B  > 1  every unit a run of B samples (NCHW): vectorised along the run.
+//   B < kShortRun  lanes: each of the A rows of C * B elements vectorised across them, element
+//                  (c, b) a lane of unit c with its own partial sums, added B at a time at the
+//                  end. B == 1 is units innermost ((N, C), channels-last); a short B is NCHW at a
+//                  small image (4x4, 2x2), whose runs would be shorter than a vector or two;
+//   otherwise      every unit a run of B samples (NCHW): vectorised along the run.
 // Work is cut into chunks whose size depends only on the shape, and the per-chunk partial sums are
 // added in a fixed order, so the results are bitwise the same from run to run and whatever the
 // number of threads.
@@ -16,7 +19,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -38,7 +43,11 @@ constexpr int64_t kGrain = 16384;    // elements of y in one work item
 // milliseconds (docs/benchmarks.md, "Per-call cost").
 constexpr int64_t kSerial = 65536;
 constexpr int64_t kMaxChunks = 64;   // bound on the partial sums kept per unit
-constexpr int64_t kTile = 1024;      // elements in one backward row of units-innermost (B == 1) y
+constexpr int64_t kTile = 1024;      // elements in one backward row of lanes (see the top)
+// Runs shorter than this take the lanes loops: along a run of B < 64 the per-run work (five sums
+// reduced across a vector's lanes, a scalar tail with its scalar exp) cost up to 100x relu(y)'s
+// time at B = 4 (docs/benchmarks.md, "Per-call cost").
+constexpr int64_t kShortRun = 64;
 constexpr int kSums = 4;             // sum s, sum s*y, sum q*y, sum of the penalty terms
 
 // ---- element-wise math, written once for scalars and vectors ------------------------------
@@ -250,6 +259,17 @@ inline Shape check_inputs(const at::Tensor& y, const at::Tensor& mu) {
   return {y.size(0), y.size(1), c10::multiply_integers(y.sizes().slice(2))};
 }
 
+// t in dtype `type`, contiguous: t itself when it already is (Tensor::to dispatches even then).
+inline at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType type) {
+  if (t.scalar_type() == type && t.is_contiguous()) return t;
+  return t.to(type).contiguous();
+}
+
+// A tensor's buffer that every chunk writes before it reads it: uninitialised (std::vector would
+// zero it first).
+template <typename T>
+using Buffer = std::unique_ptr<T[]>;
+
 inline bool is_mean(c10::string_view reduction) {
   TORCH_CHECK(reduction == "mean" || reduction == "sum",
               "shade_ops: reduction must be 'mean' or 'sum', got '", reduction, "'");
@@ -346,44 +366,57 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
   const auto [A, C, B] = check_inputs(y_in, mu_in);
   const at::Tensor y = y_in.contiguous();
   const at::TensorOptions acc_options = y.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const at::Tensor mu = mu_in.to(acc_options).contiguous();
+  const at::Tensor mu = contiguous_as(mu_in, acc_options.dtype().toScalarType());
   const acc_t* mup = mu.const_data_ptr<acc_t>();  // (2, C): mu0, then mu1
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   scalar_t* op = relu_out != nullptr ? relu_out->mutable_data_ptr<scalar_t>() : nullptr;
 
-  // Rows in memory order: (A rows of C units) when B == 1, else (A * C rows of B samples, row r
+  // Rows in memory order: (A rows of U lanes) with lanes, else (A * C rows of B samples, row r
   // being unit r % C). Chunk k takes rows [k R, (k + 1) R) and leaves its sums in partial, a
   // (chunks, kSums, C) buffer. Walking memory in order keeps the hardware prefetcher streaming; a
   // walk down one unit would jump C * B elements after every B.
   const int64_t numel = A * C * B;
-  const int64_t rows = B == 1 ? A : A * C;
-  const int64_t R = rows_per_chunk(rows, B == 1 ? C : B);
+  const bool lanes = B < kShortRun;
+  const int64_t U = lanes ? C * B : C;  // partial sums per chunk and sum: lanes, or units
+  const int64_t rows = lanes ? A : A * C;
+  const int64_t R = rows_per_chunk(rows, lanes ? U : B);
   const int64_t chunks = numel > 0 ? ceil_div(rows, R) : 0;
-  at::Tensor partial = at::empty({chunks * kSums * C}, acc_options);
-  acc_t* pp = partial.mutable_data_ptr<acc_t>();
+  Buffer<acc_t> partial(new acc_t[chunks * kSums * U]);
+  acc_t* pp = partial.get();
   const int64_t chunk_grain = numel <= kSerial ? std::max<int64_t>(1, chunks) : 1;
+  // mu per lane: unit c's B times over
+  std::vector<acc_t> lane_mu;
+  if (lanes && B > 1) {
+    lane_mu.resize(2 * U);
+    for (int64_t z = 0; z < 2; ++z) {
+      for (int64_t c = 0; c < C; ++c) {
+        std::fill_n(lane_mu.begin() + z * U + c * B, B, mup[z * C + c]);
+      }
+    }
+    mup = lane_mu.data();
+  }
 
-  if (numel > 0 && B == 1) {
+  if (numel > 0 && lanes) {
     at::parallel_for(0, chunks, chunk_grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> obuf;
       for (int64_t k = begin; k < end; ++k) {
         const int64_t a0 = k * R, n_rows = std::min(R, A - a0);
-        acc_t* chunk_partial = pp + k * kSums * C;
-        std::fill(chunk_partial, chunk_partial + kSums * C, acc_t(0));
+        acc_t* chunk_partial = pp + k * kSums * U;
+        std::fill(chunk_partial, chunk_partial + kSums * U, acc_t(0));
         if (std::is_same_v<scalar_t, acc_t> || op == nullptr) {
-          forward_rows<scalar_t, acc_t, scalar_t>(yp + a0 * C, n_rows, C, mup,
-                                                  op != nullptr ? op + a0 * C : nullptr,
+          forward_rows<scalar_t, acc_t, scalar_t>(yp + a0 * U, n_rows, U, mup,
+                                                  op != nullptr ? op + a0 * U : nullptr,
                                                   chunk_partial);
         } else {
           // relu(y) of float16 / bfloat16 written as floats a few rows (about kTile elements) at
           // a time, then rounded 16 at a time: rounded in the loop, 8 at a time, it was slower
-          const int64_t tile_rows = std::max<int64_t>(1, std::min(n_rows, kTile / C));
-          obuf.resize(tile_rows * C);
+          const int64_t tile_rows = std::max<int64_t>(1, std::min(n_rows, kTile / U));
+          obuf.resize(tile_rows * U);
           for (int64_t t = 0; t < n_rows; t += tile_rows) {
             const int64_t m_rows = std::min(tile_rows, n_rows - t);
-            forward_rows<scalar_t, acc_t, acc_t>(yp + (a0 + t) * C, m_rows, C, mup, obuf.data(),
+            forward_rows<scalar_t, acc_t, acc_t>(yp + (a0 + t) * U, m_rows, U, mup, obuf.data(),
                                                  chunk_partial);
-            at::vec::convert(obuf.data(), op + (a0 + t) * C, m_rows * C);
+            at::vec::convert(obuf.data(), op + (a0 + t) * U, m_rows * U);
           }
         }
       }
@@ -418,13 +451,20 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
     });
   }
 
-  // Fixed-order reduction of the chunk partials, then the penalty.
-  at::Tensor sums = at::zeros({kSums, C}, acc_options);  // row 3 holds the penalty terms here
+  // Fixed-order reduction of the chunk partials (and of each unit's lanes), then the penalty.
+  at::Tensor sums = at::empty({kSums, C}, acc_options);  // row 3 holds the penalty terms here
   acc_t* sp = sums.mutable_data_ptr<acc_t>();
-  at::parallel_for(0, C, chunks * kSums * C <= kSerial ? C : 256, [&](int64_t c0, int64_t c1) {
+  std::fill(sp, sp + kSums * C, acc_t(0));
+  const int64_t per_unit = U / C;  // B lanes, or 1
+  at::parallel_for(0, C, chunks * kSums * U <= kSerial ? C : 256, [&](int64_t c0, int64_t c1) {
     for (int64_t k = 0; k < chunks; ++k) {
       for (int j = 0; j < kSums; ++j) {
-        for (int64_t c = c0; c < c1; ++c) sp[j * C + c] += pp[(k * kSums + j) * C + c];
+        const acc_t* row = pp + (k * kSums + j) * U;
+        for (int64_t c = c0; c < c1; ++c) {
+          acc_t total = 0;
+          for (int64_t b = 0; b < per_unit; ++b) total += row[c * per_unit + b];
+          sp[j * C + c] += total;
+        }
       }
     }
   });
@@ -434,7 +474,9 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
     penalty += mean ? sp[3 * C + c] / count : sp[3 * C + c];
     sp[3 * C + c] = count;
   }
-  return {at::scalar_tensor(penalty, acc_options), sums};
+  at::Tensor value = at::empty({}, acc_options);
+  *value.mutable_data_ptr<acc_t>() = penalty;
+  return {value, sums};
 }
 
 // ---- backward --------------------------------------------------------------------------
@@ -494,23 +536,29 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
   const auto [A, C, B] = check_inputs(y_in, mu_in);
   const at::Tensor y = y_in.contiguous();
   const at::TensorOptions acc_options = y.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const at::Tensor mu = mu_in.to(acc_options).contiguous();
-  acc_t w = grad_penalty.item<acc_t>();  // a CPU scalar: no device synchronisation
+  const at::Tensor mu = contiguous_as(mu_in, acc_options.dtype().toScalarType());
+  // a CPU scalar (no device synchronisation), read directly where it is one of acc_t
+  acc_t w = grad_penalty.numel() == 1 && grad_penalty.device().is_cpu() &&
+                    grad_penalty.scalar_type() == acc_options.dtype().toScalarType()
+                ? *grad_penalty.const_data_ptr<acc_t>()
+                : grad_penalty.item<acc_t>();
   if (mean && A * B > 0) w /= static_cast<acc_t>(A * B);
 
-  // Rows of length L: with B == 1, a block of `per_row` rows of C units (several short rows
-  // taken as one, so that a narrow layer, C = 16, does not pay the per-row overhead every 16
-  // elements); else the run of one unit.
+  // Rows of length L: with lanes (B < kShortRun), a block of `per_row` rows of U = C * B
+  // elements (several short rows taken as one, so that a narrow layer, C = 16, does not pay the
+  // per-row overhead every 16 elements); else the run of one unit.
+  const bool lanes = B < kShortRun;
+  const int64_t U = C * B;
   const int64_t per_row =
-      B == 1 ? std::max<int64_t>(1, std::min(A, kTile / std::max<int64_t>(1, C))) : 1;
-  const int64_t L = B == 1 ? per_row * C : B;
+      lanes ? std::max<int64_t>(1, std::min(A, kTile / std::max<int64_t>(1, U))) : 1;
+  const int64_t L = lanes ? per_row * U : B;
   const int64_t numel = A * C * B;
-  const int64_t rows = B == 1 ? ceil_div(A, per_row) : A * C;
+  const int64_t rows = lanes ? ceil_div(A, per_row) : A * C;
 
-  // (mu0, mu1, h, 2 w (mu0 - mu1)) per element of a row when B == 1 (the C units repeated
-  // per_row times), else per unit: rows of a (4, P) buffer. h and the gap in double, rounded once.
+  // (mu0, mu1, h, 2 w (mu0 - mu1)) per element of a row with lanes (element j of unit
+  // (j % U) / B), else per unit: rows of a (4, P) buffer. h and the gap in double, rounded once.
   const acc_t* mup = mu.const_data_ptr<acc_t>();
-  const int64_t P = B == 1 ? L : C;
+  const int64_t P = lanes ? L : C;
   std::vector<acc_t> coef(4 * P);
   // the common loop's bound on y and |mu| (see gradient()): its products stay finite below it
   const acc_t safe = kSquareSafe<acc_t> / std::sqrt(std::max(acc_t(1), std::abs(w)));
@@ -519,11 +567,14 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
     const acc_t mu0 = mup[c], mu1 = mup[C + c];
     const acc_t mid = static_cast<acc_t>(0.5 * (static_cast<double>(mu0) + mu1));
     const acc_t w_gap = static_cast<acc_t>(2.0 * w * (static_cast<double>(mu0) - mu1));
-    for (int64_t j = c; j < P; j += C) {
-      coef[j] = mu0;
-      coef[P + j] = mu1;
-      coef[2 * P + j] = mid;
-      coef[3 * P + j] = w_gap;
+    const int64_t width = lanes ? B : 1, stride = lanes ? U : C;  // unit c's lanes in a row
+    for (int64_t b = 0; b < width; ++b) {
+      for (int64_t j = c * width + b; j < P; j += stride) {
+        coef[j] = mu0;
+        coef[P + j] = mu1;
+        coef[2 * P + j] = mid;
+        coef[3 * P + j] = w_gap;
+      }
     }
     huge_mu |= !(std::abs(mu0) <= safe && std::abs(mu1) <= safe);
   }
@@ -531,7 +582,7 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
   at::Tensor grad_out;
   if (grad_out_in.has_value()) {
     TORCH_CHECK(grad_out_in->sizes() == y.sizes(), "shade_ops: grad_out must have y's shape");
-    grad_out = grad_out_in->to(y.scalar_type()).contiguous();
+    grad_out = contiguous_as(*grad_out_in, y.scalar_type());
   }
   const scalar_t* gop = grad_out.defined() ? grad_out.const_data_ptr<scalar_t>() : nullptr;
   at::Tensor grad = at::empty(y.sizes(), y.options());
@@ -559,11 +610,11 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
         } else {
           g = gbuf;
         }
-        const int64_t c = B == 1 ? i : r % C;  // the (first) unit
-        const acc_t* mu0 = coef.data() + c;    // then mu1, h, w_gap, P apart
-        if (B == 1 && go != nullptr) {
+        const int64_t c = lanes ? i : r % C;  // the (first) lane or unit
+        const acc_t* mu0 = coef.data() + c;   // then mu1, h, w_gap, P apart
+        if (lanes && go != nullptr) {
           gradient_run<scalar_t, acc_t, true, true>(y, go, g, n, w, mu0, P, safe, huge_mu);
-        } else if (B == 1) {
+        } else if (lanes) {
           gradient_run<scalar_t, acc_t, true, false>(y, go, g, n, w, mu0, P, safe, huge_mu);
         } else if (go != nullptr) {
           gradient_run<scalar_t, acc_t, false, true>(y, go, g, n, w, mu0, P, safe, huge_mu);
@@ -591,15 +642,19 @@ void update_state_cpu(at::Tensor& p, at::Tensor& mu, const at::Tensor& sums, dou
   const int64_t C = p.size(1);
   TORCH_CHECK(sums.dim() == 2 && sums.size(0) == 4 && sums.size(1) == C,
               "update_state: sums must have shape (4, C)");
-  const at::Tensor s = sums.to(at::kDouble).contiguous();
-  const double* sp = s.const_data_ptr<double>();
+  // the sums in their own dtype (float32, or float64 for float64 y), read as doubles
+  const bool sums_double = sums.scalar_type() == at::kDouble;
+  const at::Tensor s = contiguous_as(sums, sums_double ? at::kDouble : at::kFloat);
+  const double* sd = sums_double ? s.const_data_ptr<double>() : nullptr;
+  const float* sf = sums_double ? nullptr : s.const_data_ptr<float>();
+  auto sum = [&](int64_t i) { return sd != nullptr ? sd[i] : static_cast<double>(sf[i]); };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "update_state", [&] {
     scalar_t* pp = p.mutable_data_ptr<scalar_t>();
     scalar_t* mp = mu.mutable_data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) {
-      const double count = sp[3 * C + c];
-      const double b[2] = {1 - sp[c] / count, sp[c] / count};
-      const double m[2] = {sp[2 * C + c] / count, sp[C + c] / count};
+      const double count = sum(3 * C + c), s1 = sum(c);
+      const double b[2] = {1 - s1 / count, s1 / count};
+      const double m[2] = {sum(2 * C + c) / count, sum(C + c) / count};
       if (!(std::isfinite(b[0]) && std::isfinite(b[1]) && std::isfinite(m[0]) &&
             std::isfinite(m[1]))) {
         continue;  // a non-finite batch (or an empty one) leaves the unit as it was
@@ -618,6 +673,15 @@ void update_state_cpu(at::Tensor& p, at::Tensor& mu, const at::Tensor& sums, dou
 
 // ---- op entry points -------------------------------------------------------------------
 
+// A contiguous copy of mu, the one the backward reads (the update that follows writes into mu):
+// a memcpy, where clone() would go through the dispatcher and a TensorIterator.
+at::Tensor copy_of(const at::Tensor& mu) {
+  if (!mu.is_contiguous()) return mu.clone(at::MemoryFormat::Contiguous);
+  at::Tensor copy = at::empty(mu.sizes(), mu.options());
+  std::memcpy(copy.mutable_data_ptr(), mu.const_data_ptr(), mu.nbytes());
+  return copy;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> penalty_forward(const at::Tensor& y,
                                                                const at::Tensor& mu,
                                                                c10::string_view reduction) {
@@ -625,7 +689,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> penalty_forward(const at::Tensor&
   std::tuple<at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "penalty_forward",
                                   [&] { result = forward_impl<scalar_t>(y, mu, mean, nullptr); });
-  return {std::get<0>(result), std::get<1>(result), mu.clone(at::MemoryFormat::Contiguous)};
+  return {std::get<0>(result), std::get<1>(result), copy_of(mu)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> relu_penalty_forward(
@@ -635,7 +699,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> relu_penalty_forward(
   std::tuple<at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "relu_penalty_forward",
                                   [&] { result = forward_impl<scalar_t>(y, mu, mean, &out); });
-  return {std::get<0>(result), std::get<1>(result), out, mu.clone(at::MemoryFormat::Contiguous)};
+  return {std::get<0>(result), std::get<1>(result), out, copy_of(mu)};
 }
 
 at::Tensor penalty_backward(const at::Tensor& grad_penalty, const at::Tensor& y,

@@ -6,6 +6,7 @@
 // backend. relu(y) and the gradient come back in y's shape, contiguous.
 #include <ATen/ATen.h>
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 // The vector instructions the CPU kernels were compiled for (setup.py picks them).
@@ -72,6 +73,22 @@ void update_state(at::Tensor& p, at::Tensor& mu, const at::Tensor& sums, double 
   mu.copy_(at::where(finite, new_mu, old_mu));
 }
 
+// update_state for every state of a forward, in one call from Python (a model with a hundred call
+// sites paid a Python op call, a few microseconds, per site). Each goes through the dispatcher, so
+// CPU buffers take the native kernel and others the composite above.
+void update_states(at::TensorList p, at::TensorList mu, at::TensorList sums,
+                   at::ArrayRef<double> decay) {
+  TORCH_CHECK(mu.size() == p.size() && sums.size() == p.size() && decay.size() == p.size(),
+              "update_states: p, mu, sums and decay must have one entry per state");
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("shade_ops::update_state", "")
+                             .typed<void(at::Tensor&, at::Tensor&, const at::Tensor&, double)>();
+  for (size_t i = 0; i < p.size(); ++i) {
+    at::Tensor p_i = p[i], mu_i = mu[i];
+    op.call(p_i, mu_i, sums[i], decay[i]);
+  }
+}
+
 TORCH_LIBRARY(shade_ops, m) {
   // The penalty of SPEC section 2, the per-unit batch sums (sum s, sum s*y, sum q*y, K) as a
   // (4, C) tensor, in one pass over y, and a copy of mu: autograd saves that copy for the
@@ -88,6 +105,8 @@ TORCH_LIBRARY(shade_ops, m) {
       "penalty_backward(Tensor grad_penalty, Tensor y, Tensor mu, str reduction, "
       "Tensor? grad_out=None) -> Tensor");
   m.def("update_state(Tensor(a!) p, Tensor(b!) mu, Tensor sums, float decay) -> ()");
+  m.def(
+      "update_states(Tensor(a!)[] p, Tensor(b!)[] mu, Tensor[] sums, float[] decay) -> ()");
   // penalty_backward written with differentiable ATen ops (SPEC section 3 term by term), for
   // double backward: the autograd formulas call it instead of penalty_backward when the backward
   // itself is being differentiated (create_graph=True). Its CompositeImplicitAutograd kernel is
@@ -99,6 +118,7 @@ TORCH_LIBRARY(shade_ops, m) {
 
 TORCH_LIBRARY_IMPL(shade_ops, CompositeExplicitAutograd, m) {
   m.impl("update_state", &update_state);
+  m.impl("update_states", &update_states);
 }
 
 }  // namespace shade_ops

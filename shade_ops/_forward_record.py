@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import _checkpoint
-from .functional import apply_update
+from .functional import apply_update, apply_updates
 
 __all__ = ["Forward", "LastForward", "Part", "THREAD", "abandon", "begin_forward",
            "end_forward", "forward_returned"]
@@ -180,8 +180,7 @@ def end_forward(model: nn.Module, args, output) -> None:
             apply_update(*update)
     elif record.updates:
         with _UPDATES:
-            for update in record.updates:
-                apply_update(*update)
+            apply_updates(record.updates)
     record.updates = []
     last[0] = record
     if not record.penalties and model.training and not torch.compiler.is_compiling() and \

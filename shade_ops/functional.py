@@ -6,7 +6,7 @@ import torch
 from . import _checkpoint, reference
 from .memory import note_relu_output
 from ._layout import check_inputs, from_op_output, op_input, output_view_breaks_inductor
-from ._ops import PenaltyOps, resolve_backend
+from ._ops import NATIVE_OPS, PenaltyOps, resolve_backend
 from .state import ShadeState
 
 __all__ = ["penalty", "relu_penalty"]
@@ -20,6 +20,24 @@ def apply_update(ops: PenaltyOps | None, state: ShadeState, sums: torch.Tensor) 
         reference.apply_update(state, sums)
     else:
         ops.update(state.p, state.mu, sums, state.decay)
+
+
+def apply_updates(updates: list[tuple[PenaltyOps | None, ShadeState, torch.Tensor]]) -> None:
+    """:func:`apply_update` for each ``(ops, state, sums)`` of a forward; the native CPU ones
+    that need no all-reduce in one op call (``update_states``) rather than one each."""
+    native = NATIVE_OPS.update if NATIVE_OPS is not None else None
+    batch: tuple[list, list, list, list] = ([], [], [], [])
+    for ops, state, sums in updates:
+        if ops is not None and ops.update is native and not state.sync:
+            buffers = state._buffers
+            for column, value in zip(batch, (buffers["p"], buffers["mu"], sums, state.decay)):
+                column.append(value)
+        else:
+            apply_update(ops, state, sums)
+    if len(batch[0]) == 1:
+        native(batch[0][0], batch[1][0], batch[2][0], batch[3][0])
+    elif batch[0]:
+        torch.ops.shade_ops.update_states(*batch)
 
 
 def run(y: torch.Tensor, state: ShadeState | None, unit_dim: int, reduction: str,

@@ -14,7 +14,8 @@ import re
 import threading
 import warnings
 from collections import Counter
-from typing import Callable
+from types import MappingProxyType
+from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -22,12 +23,57 @@ from torch import nn
 
 from . import _checkpoint, _forward_record
 from ._layout import check_choices, check_inputs, check_unit_dim, unit_count_message
+from ._ops import PenaltyOps, resolve_backend
 from .functional import run as _run
 from .state import ShadeState
 
 __all__ = ["ShadePenalty", "ShadeReLU", "attach", "call_sites", "collect", "convert", "track"]
 
 _NEW_SITES = threading.Lock()
+
+# What the fast path asks of every call, looked up once (each is a C function).
+_is_compiling = torch.compiler.is_compiling
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+_is_tracing = torch._C._is_tracing
+_is_grad_enabled = torch.is_grad_enabled
+_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+
+
+class _Plan:
+    """What a checked call of one call site found, so that the next call of that site with the
+    same kind of input can skip the checks (``_ShadeLayer._planned``).
+
+    Made only for the plainest case: eager, a fused backend, ``y`` a contiguous tensor whose units
+    lie on dim 1 (so the op takes y itself and returns relu(y) in y's layout), a state that is
+    not synchronised. ``fits`` says whether a call is still that case: the same dtype, device,
+    number of dims and units, the layer's options unchanged, and the same state with the same
+    buffers (``.to()``, ``load_state_dict(assign=True)`` or a new state replaces them, and the
+    next call is checked again).
+    """
+
+    __slots__ = ("dtype", "device", "dim", "units", "unit_dim", "reduction", "backend", "ops",
+                 "state", "p", "mu", "owner", "name")
+
+    def __init__(self, layer: "_ShadeLayer", y: torch.Tensor, site: int, state: ShadeState,
+                 ops: PenaltyOps) -> None:
+        self.dtype, self.device, self.dim, self.units = y.dtype, y.device, y.dim(), y.shape[1]
+        self.unit_dim, self.reduction, self.backend = layer.unit_dim, layer.reduction, \
+            layer.backend
+        self.ops, self.state = ops, state
+        self.p, self.mu = state._buffers["p"], state._buffers["mu"]
+        # where the layer keeps this site's state: its "state", or extra_states' str(site - 1)
+        self.owner = layer._modules if site == 0 else layer._modules["extra_states"]._modules
+        self.name = "state" if site == 0 else str(site - 1)
+
+    def fits(self, layer: "_ShadeLayer", y: torch.Tensor) -> bool:
+        state = self.state
+        buffers = state._buffers
+        return (y.dtype is self.dtype and y.dim() == self.dim and y.shape[1] == self.units
+                and y.is_contiguous() and y.device == self.device
+                and layer.unit_dim == self.unit_dim and layer.reduction == self.reduction
+                and layer.backend == self.backend and self.owner.get(self.name) is state
+                and buffers.get("mu") is self.mu and buffers.get("p") is self.p
+                and state.training and not state.sync)
 
 
 class _ShadeLayer(nn.Module):
@@ -39,6 +85,8 @@ class _ShadeLayer(nn.Module):
     """
 
     state: ShadeState | None
+    # call site -> its plan (see _Plan); the class's empty one for a layer pickled before plans
+    _plans: Mapping[int, _Plan] = MappingProxyType({})
 
     def __init__(self, num_units: int | None = None, decay: float = 0.8,
                  unit_dim: int | None = None, *, sync: bool = False,
@@ -70,6 +118,7 @@ class _ShadeLayer(nn.Module):
         self._last: _forward_record.Forward | None = None  # the record of the last training call
         self._alone: torch.Tensor | None = None  # the penalty of the last call outside a record
         self._alone_calls = 0   # calls outside a record since the penalties were last read
+        self._plans = {}
 
     # ---- the states -----------------------------------------------------------------------
 
@@ -179,6 +228,10 @@ class _ShadeLayer(nn.Module):
             if self._last is not None or self._alone is not None:
                 self._last = self._alone = None
             return torch.relu(y) if relu else y
+        if self._plans and type(y) is torch.Tensor:
+            out = self._planned(y, relu)
+            if out is not None:
+                return out
         if torch.jit.is_tracing():
             _forward_record.abandon()
             raise RuntimeError(f"{type(self).__name__} cannot be traced with torch.jit.trace in "
@@ -207,6 +260,7 @@ class _ShadeLayer(nn.Module):
                 self._last = None
             self._alone = value
             self._alone_calls += 1
+            self._plan(y, 0, state, unit_dim)
             return out
         record = opened[-1]
         site = record.sites.get(self, 0)
@@ -218,6 +272,61 @@ class _ShadeLayer(nn.Module):
         record.penalties.append((self, value))
         if self._last is not record:
             self._last = record
+        self._plan(y, site, state, unit_dim)
+        return out
+
+    # ---- the fast path: a call like the last checked one of its site -----------------------
+
+    def _plan(self, y: torch.Tensor, site: int, state: ShadeState, unit_dim: int) -> None:
+        """After a checked call: keep its plan when the next calls can take the fast path."""
+        if (type(y) is not torch.Tensor or _is_compiling() or not y.is_contiguous()
+                or unit_dim % y.dim() != 1 or (y.dim() == 3 and self.unit_dim is None)
+                or state.sync or site in self._plans):
+            return  # (a 3-D input without unit_dim: its unit dim is found anew at every call)
+        ops = resolve_backend(self.backend, y.device)
+        if ops is not None:
+            self.__dict__.setdefault("_plans", {})[site] = _Plan(self, y, site, state, ops)
+
+    def _planned(self, y: torch.Tensor, relu: bool) -> torch.Tensor | None:
+        """The call through its site's plan, or None (nothing done) when the call needs the
+        checked path: the plan does not fit, or the call runs traced, compiled, without grad or
+        under saved-tensor hooks (a checkpoint, recompute_relu, save_on_cpu).
+
+        What it skips is what the checked path found out for this site before: the input checks,
+        the unit dim, the backend; what it does is the same, the same op on the same arguments,
+        the update applied or deferred to the record and the same bookkeeping."""
+        if (_is_compiling() or _is_tracing() or _is_exporting() or not _is_grad_enabled()
+                or _saved_tensors_hooks(False) is not None):
+            return None
+        opened = _forward_record.THREAD.open
+        if opened:
+            record = opened[-1]
+            site = record.sites.get(self, 0)
+        elif self._tracked is None:
+            record, site = None, 0
+        else:
+            return None  # the checked path raises
+        plan = self._plans.get(site)
+        if plan is None or not plan.fits(self, y):
+            return None
+        ops = plan.ops
+        if relu:
+            value, sums, out, _ = ops.relu_forward(y, plan.mu, plan.reduction)
+        else:
+            value, sums, _ = ops.forward(y, plan.mu, plan.reduction)
+            out = y
+        attributes = self.__dict__  # plain attributes: nn.Module.__setattr__ costs a microsecond
+        if record is None:
+            ops.update(plan.p, plan.mu, sums, plan.state.decay)
+            attributes["_last"] = None
+            attributes["_alone"] = value
+            attributes["_alone_calls"] += 1
+        else:
+            record.updates.append((ops, plan.state, sums))
+            record.sites[self] = site + 1
+            record.penalties.append((self, value))
+            if self._last is not record:
+                attributes["_last"] = record
         return out
 
     def _called_alone_message(self) -> str:
@@ -252,7 +361,7 @@ class _ShadeLayer(nn.Module):
         # penalties are non-leaf tensors holding the step's graph, which the copy must not take.
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         state = dict(state)
-        state.update(_last=None, _alone=None, _alone_calls=0)
+        state.update(_last=None, _alone=None, _alone_calls=0, _plans={})
         return state
 
     def extra_repr(self) -> str:
