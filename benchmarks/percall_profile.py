@@ -39,8 +39,10 @@ import shade_ops  # noqa: E402
 
 WHOLE, RELU = "ShadeReLU forward+backward (the whole call)", "nn.ReLU forward+backward"
 # disjoint parts of the whole call: their sum is taken from it, the rest is "the rest"
-PARTS = ("raw fused op forward+backward", "update_state op", "check_inputs",
-         "resolve_backend", "module attribute sets")
+PARTS = ("raw fused op forward+backward", "update_state op", "the plan's check (_Plan.fits)",
+         "the fast path's mode checks", "module attribute sets")
+# what a call no longer runs once its site has a plan (modules._Plan): timed for the record
+CHECKED_ONLY = ("check_inputs (the checked path)", "resolve_backend (the checked path)")
 
 
 def _call(act: nn.Module, y: torch.Tensor, grad_out: torch.Tensor, one: torch.Tensor):
@@ -109,12 +111,24 @@ def pieces(shape: tuple[int, ...], backend: str) -> tuple[dict[str, Callable], d
         from shade_ops._ops import resolve_backend
         return lambda: resolve_backend(backend, y.device)
 
+    def plan_check():
+        act(y)
+        plan = act._plans[0]
+        return lambda: plan.fits(act, y)
+
+    def mode_checks():
+        from shade_ops import modules
+        checks = (modules._is_compiling, modules._is_tracing, modules._is_exporting)
+
+        def call():
+            return (any(check() for check in checks) or not modules._is_grad_enabled()
+                    or modules._saved_tensors_hooks(False) is not None)
+        return call
+
     def attribute_sets():
         other = shade_ops.ShadeReLU(units, backend=backend).train()
         _call(other, y, grad_out, one)
         sets = _attribute_sets(other, lambda: _call(other, y, grad_out, one))
-        if not sets:
-            raise LookupError("a ShadeReLU call sets no attribute on itself")
 
         def call():
             for name, value in sets:
@@ -126,7 +140,8 @@ def pieces(shape: tuple[int, ...], backend: str) -> tuple[dict[str, Callable], d
         module = nn.Identity()
         return lambda: module(y)
 
-    for name, make in zip(PARTS, (raw, update, checks, resolve, attribute_sets)):
+    for name, make in zip(PARTS + CHECKED_ONLY,
+                          (raw, update, plan_check, mode_checks, attribute_sets, checks, resolve)):
         add(name, make)
     add("(for scale) an nn.Identity call", empty_module)
     return calls, missing
@@ -183,7 +198,7 @@ def breakdown_lines(times: dict[str, list[float]], missing: dict[str, str],
         if name in missing:
             lines.append(f"| {name} | n/a | n/a | ({missing[name]}) |")
         elif name in med:
-            label = f"{name} ({sets} of them)" if name == PARTS[-1] and sets else name
+            label = f"{name} ({sets} of them)" if name == PARTS[-1] and sets is not None else name
             lines.append(f"| {label} | {med[name]:.1f} | {p90[name]:.1f} | "
                          f"{100 * med[name] / whole:.0f}% |")
     parts = [med[name] for name in PARTS if name in med]

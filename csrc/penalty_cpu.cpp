@@ -44,10 +44,12 @@ constexpr int64_t kGrain = 16384;    // elements of y in one work item
 constexpr int64_t kSerial = 65536;
 constexpr int64_t kMaxChunks = 64;   // bound on the partial sums kept per unit
 constexpr int64_t kTile = 1024;      // elements in one backward row of lanes (see the top)
-// Runs shorter than this take the lanes loops: along a run of B < 64 the per-run work (five sums
-// reduced across a vector's lanes, a scalar tail with its scalar exp) cost up to 100x relu(y)'s
-// time at B = 4 (docs/benchmarks.md, "Per-call cost").
-constexpr int64_t kShortRun = 64;
+// Runs shorter than a float vector take the lanes loops: along such a run the per-run work (five
+// sums reduced across a vector's lanes, a scalar tail with its scalar exp) cost up to 100x
+// relu(y)'s time (B = 4: 2x2 images). Longer runs keep the run loops: with C * B lanes, their
+// partial sums, read and written at every vector, leave L1 (B = 16: a DenseNet step's forwards
+// took 25% longer through the lanes, B = 64: 1.2-2x; docs/benchmarks.md, "Per-call cost").
+constexpr int64_t kShortRun = Vectorized<float>::size();
 constexpr int kSums = 4;             // sum s, sum s*y, sum q*y, sum of the penalty terms
 
 // ---- element-wise math, written once for scalars and vectors ------------------------------

@@ -351,7 +351,7 @@ class _ShadeLayer(nn.Module):
         """The penalty of each call site in the last forward, in call order."""
         record = self._last
         if record is None:
-            self._alone_calls = 0  # read: the next call starts a new forward
+            self.__dict__["_alone_calls"] = 0  # read: the next call starts a new forward
             return [] if self._alone is None else [self._alone]
         record.collected = True
         return [value for layer, value in record.penalties if layer is self]

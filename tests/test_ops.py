@@ -418,3 +418,55 @@ def test_more_than_2_31_elements(shape):
     expected = q * (1 - 9) + 2 * ((1 - q) * 1 + q * 3)
     torch.testing.assert_close(grad.view(-1)[-1].float().item(), expected, rtol=1e-2, atol=1e-2)
     del grad
+
+
+# ---- the lanes loops and the run loops --------------------------------------------------
+
+# Runs (B) on both sides of the switch between the two CPU loops (lanes below a float vector's
+# length, 8 or 16), a sample count that makes several chunks (A = 1500) and one past the
+# single-thread bound (A = 6000, 144k elements).
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 5, 2), (3, 7, 3), (2, 9, 4), (1, 4, 7), (2, 3, 8),
+                                   (2, 6, 9), (3, 5, 15), (2, 4, 16), (2, 3, 17), (2, 2, 31),
+                                   (2, 3, 33), (1500, 3, 4), (6000, 2, 12)])
+def test_short_and_long_runs_match_the_reference(shape, dtype):
+    y = random_activations(shape, dtype, seed=sum(shape))
+    state = ShadeState(shape[1])
+    with torch.no_grad():
+        state.mu.copy_(torch.randn(2, shape[1]))
+    grad_out = torch.randn(shape, dtype=dtype)
+    grad_penalty = torch.tensor(0.7, dtype=torch.float64 if dtype == torch.float64
+                                else torch.float32)
+    for reduction in ("mean", "sum"):
+        value, sums, out, _ = torch.ops.shade_ops.relu_penalty_forward(y, state.mu, reduction)
+        expected_value, expected_sums = reference.batch_statistics(y, state.mu.clone(), 1,
+                                                                   reduction)
+        assert_close(value, expected_value, dtype, "penalty", f"{reduction} penalty")
+        assert_close(sums, expected_sums, dtype, "penalty", f"{reduction} sums")
+        assert torch.equal(out, torch.relu(y))
+        for go in (None, grad_out):
+            grad = torch.ops.shade_ops.penalty_backward(grad_penalty, y, state.mu, reduction, go)
+            expected = reference.penalty_grad(grad_penalty, y, state.mu, reduction, go)
+            assert_close(grad, expected, dtype, "grad", f"{reduction} grad")
+
+
+@native
+@pytest.mark.parametrize("shape", [(6000, 3, 4), (20000, 2, 3)])
+def test_short_runs_same_bits_whatever_the_thread_count(shape):
+    threads = torch.get_num_threads()
+    results = []
+    y = random_activations(shape, seed=13)
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            state = ShadeState(shape[1])
+            value = shade_ops.penalty(y, state, backend="cpu")
+            (grad,) = torch.autograd.grad(shade_ops.penalty(y.requires_grad_(), ShadeState(
+                shape[1]), backend="cpu"), y)
+            results.append((value, state.mu.clone(), state.p.clone(), grad))
+    finally:
+        torch.set_num_threads(threads)
+        y.requires_grad_(False)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
