@@ -457,7 +457,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
   at::Tensor sums = at::empty({kSums, C}, acc_options);  // row 3 holds the penalty terms here
   acc_t* sp = sums.mutable_data_ptr<acc_t>();
   std::fill(sp, sp + kSums * C, acc_t(0));
-  const int64_t per_unit = U / C;  // B lanes, or 1
+  const int64_t per_unit = lanes ? B : 1;  // lanes of one unit
   at::parallel_for(0, C, chunks * kSums * U <= kSerial ? C : 256, [&](int64_t c0, int64_t c1) {
     for (int64_t k = 0; k < chunks; ++k) {
       for (int j = 0; j < kSums; ++j) {
@@ -541,7 +541,8 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
   const at::Tensor mu = contiguous_as(mu_in, acc_options.dtype().toScalarType());
   // a CPU scalar (no device synchronisation), read directly where it is one of acc_t
   acc_t w = grad_penalty.numel() == 1 && grad_penalty.device().is_cpu() &&
-                    grad_penalty.scalar_type() == acc_options.dtype().toScalarType()
+                    grad_penalty.scalar_type() == acc_options.dtype().toScalarType() &&
+                    !grad_penalty._is_zerotensor() && !grad_penalty.is_neg()
                 ? *grad_penalty.const_data_ptr<acc_t>()
                 : grad_penalty.item<acc_t>();
   if (mean && A * B > 0) w /= static_cast<acc_t>(A * B);

@@ -27,17 +27,24 @@ def apply_updates(updates: list[tuple[PenaltyOps | None, ShadeState, torch.Tenso
     that need no all-reduce in one op call (``update_states``) rather than one each."""
     native = NATIVE_OPS.update if NATIVE_OPS is not None else None
     batch: tuple[list, list, list, list] = ([], [], [], [])
-    for ops, state, sums in updates:
+
+    def flush() -> None:
+        if len(batch[0]) == 1:
+            native(*(column[0] for column in batch))
+        elif batch[0]:
+            torch.ops.shade_ops.update_states(*batch)
+        for column in batch:
+            column.clear()
+
+    for ops, state, sums in updates:  # in their order (a state may be shared by two sites)
         if ops is not None and ops.update is native and not state.sync:
             buffers = state._buffers
             for column, value in zip(batch, (buffers["p"], buffers["mu"], sums, state.decay)):
                 column.append(value)
         else:
+            flush()
             apply_update(ops, state, sums)
-    if len(batch[0]) == 1:
-        native(batch[0][0], batch[1][0], batch[2][0], batch[3][0])
-    elif batch[0]:
-        torch.ops.shade_ops.update_states(*batch)
+    flush()
 
 
 def run(y: torch.Tensor, state: ShadeState | None, unit_dim: int, reduction: str,

@@ -52,7 +52,7 @@ class _Plan:
     """
 
     __slots__ = ("dtype", "device", "dim", "units", "unit_dim", "reduction", "backend", "ops",
-                 "state", "p", "mu", "owner", "name")
+                 "state", "p", "mu", "name")
 
     def __init__(self, layer: "_ShadeLayer", y: torch.Tensor, site: int, state: ShadeState,
                  ops: PenaltyOps) -> None:
@@ -61,18 +61,25 @@ class _Plan:
             layer.backend
         self.ops, self.state = ops, state
         self.p, self.mu = state._buffers["p"], state._buffers["mu"]
-        # where the layer keeps this site's state: its "state", or extra_states' str(site - 1)
-        self.owner = layer._modules if site == 0 else layer._modules["extra_states"]._modules
-        self.name = "state" if site == 0 else str(site - 1)
+        # where the layer keeps this site's state: "state", or extra_states' str(site - 1)
+        self.name = None if site == 0 else str(site - 1)
 
     def fits(self, layer: "_ShadeLayer", y: torch.Tensor) -> bool:
         state = self.state
         buffers = state._buffers
+        modules = layer._modules
+        if self.name is None:
+            held = modules.get("state")
+        else:
+            extra = modules.get("extra_states")
+            held = extra._modules.get(self.name) if extra is not None else None
+        # `is` for the options: unit_dim=True or 1.0 equals 1 but is refused by the checks
         return (y.dtype is self.dtype and y.dim() == self.dim and y.shape[1] == self.units
                 and y.is_contiguous() and y.device == self.device
-                and layer.unit_dim == self.unit_dim and layer.reduction == self.reduction
-                and layer.backend == self.backend and self.owner.get(self.name) is state
+                and layer.unit_dim is self.unit_dim and layer.reduction == self.reduction
+                and layer.backend == self.backend and held is state
                 and buffers.get("mu") is self.mu and buffers.get("p") is self.p
+                and self.mu.device == self.device  # swap_tensors keeps the object, not its device
                 and state.training and not state.sync)
 
 
@@ -210,6 +217,13 @@ class _ShadeLayer(nn.Module):
                 self._add_site(self._new_state(y.shape[unit_dim]))
             return self.states[site]
 
+    def _replicate_for_data_parallel(self):
+        # nn.DataParallel's replicas copy __dict__: each gets plans of its own (a plan holds the
+        # state of the replica that made it)
+        replica = super()._replicate_for_data_parallel()
+        replica.__dict__["_plans"] = {}
+        return replica
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A layer whose call sites are not fixed yet takes them, and their sizes, from the
         # checkpoint, as LazyBatchNorm takes its size; one whose sites are fixed loads as any
@@ -281,8 +295,11 @@ class _ShadeLayer(nn.Module):
         """After a checked call: keep its plan when the next calls can take the fast path."""
         if (type(y) is not torch.Tensor or _is_compiling() or not y.is_contiguous()
                 or unit_dim % y.dim() != 1 or (y.dim() == 3 and self.unit_dim is None)
-                or state.sync or site in self._plans):
+                or state.sync):
             return  # (a 3-D input without unit_dim: its unit dim is found anew at every call)
+        old = self._plans.get(site)
+        if old is not None and old.fits(self, y):
+            return
         ops = resolve_backend(self.backend, y.device)
         if ops is not None:
             self.__dict__.setdefault("_plans", {})[site] = _Plan(self, y, site, state, ops)

@@ -305,3 +305,83 @@ def test_update_states_is_update_state_for_each():
     assert torch.equal(p[2][:, 0], expected_p[2][:, 0])  # the non-finite unit kept its state
     with pytest.raises(RuntimeError, match="one entry per state"):
         torch.ops.shade_ops.update_states(p, mu[:2], sums, decays)
+
+
+@pytest.mark.parametrize("change", ["double_module", "new_state", "reduction"])
+def test_after_a_change_the_next_call_is_planned_again(monkeypatch, change):
+    layer, count = planned_layer(monkeypatch)
+    dtype = torch.float64 if change == "double_module" else torch.float32
+    if change == "double_module":
+        layer.double()
+    elif change == "new_state":
+        layer.state = ShadeState(4)
+    else:
+        layer.reduction = "sum"
+    for seed in range(3):
+        layer(random_activations((2, 4, 3, 3), dtype, seed=seed))
+    assert count.take() == 1  # the first call after the change only
+    assert layer._plans[0].state is layer.state and layer._plans[0].dtype is dtype
+
+
+def test_a_rebuilt_module_list_is_seen():
+    # del on an nn.ModuleList rebuilds its _modules: the plans of the sites it held must not
+    # keep the states that left it
+    layer = ShadeReLU()
+    model = shade_ops.track(nn.Sequential(layer, layer, layer))
+    for _ in range(2):
+        model(torch.randn(2, 3))
+        shade_ops.collect(model)
+    assert set(layer._plans) == {0, 1, 2}
+    dropped = layer.extra_states[1]
+    del layer.extra_states[1]
+    assert not layer._plans[2].fits(layer, torch.randn(2, 3))
+    assert all(plan.state is not dropped for site, plan in layer._plans.items() if site < 2)
+
+
+def test_a_bool_or_float_unit_dim_is_refused_after_a_plan(monkeypatch):
+    layer, _ = planned_layer(monkeypatch)
+    for bad in (True, 1.0):
+        layer.unit_dim = bad
+        with pytest.raises(TypeError, match="unit_dim must be an int"):
+            layer(random_activations((2, 4, 3, 3)))
+
+
+def test_data_parallel_replicas_get_plans_of_their_own():
+    layer = ShadeReLU()
+    layer(torch.randn(2, 3))
+    replica = layer._replicate_for_data_parallel()
+    assert replica._plans == {} and replica._plans is not layer._plans
+    assert layer._plans
+
+
+def test_zero_units_and_a_zero_tensor_gradient():
+    y = torch.randn(3, 0, 4)
+    value, sums, out, _ = torch.ops.shade_ops.relu_penalty_forward(y, torch.zeros(2, 0), "mean")
+    assert value.item() == 0 and sums.shape == (4, 0) and out.shape == y.shape
+    y = random_activations((2, 3, 4))
+    mu = ShadeState(3).mu
+    zero = torch._efficientzerotensor((), dtype=torch.float32)
+    go = torch.randn(2, 3, 4)
+    grad = torch.ops.shade_ops.penalty_backward(zero, y, mu, "mean", go)
+    assert torch.equal(grad, torch.where(y > 0, go, 0))
+    negated = torch.tensor(0.5)._neg_view()
+    grad = torch.ops.shade_ops.penalty_backward(negated, y, mu, "mean", None)
+    expected = reference.penalty_grad(torch.tensor(-0.5), y, mu, "mean")
+    assert_close(grad, expected, torch.float32, "grad")
+
+
+def test_updates_keep_their_order_around_a_state_that_is_not_batched():
+    # a reference-backend update between two native ones: applied in order
+    from shade_ops.functional import apply_updates
+    shared = ShadeState(3)
+    other = ShadeState(3)
+    sums = [torch.rand(4, 3) + 1 for _ in range(3)]
+    expected = copy.deepcopy(shared)
+    native = shade_ops._ops.NATIVE_OPS
+    reference.apply_update(expected, sums[0])
+    reference.apply_update(expected, sums[1])
+    reference.apply_update(expected, sums[2])
+    apply_updates([(native, shared, sums[0]), (None, shared, sums[1]), (native, other, sums[0]),
+                   (native, shared, sums[2])])
+    assert_close(shared.mu, expected.mu, torch.float32, "state")
+    assert_close(shared.p, expected.p, torch.float32, "state")
