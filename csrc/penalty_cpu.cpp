@@ -50,6 +50,8 @@ constexpr int64_t kTile = 1024;      // elements in one backward row of lanes (s
 // partial sums, read and written at every vector, leave L1 (B = 16: a DenseNet step's forwards
 // took 25% longer through the lanes, B = 64: 1.2-2x; docs/benchmarks.md, "Per-call cost").
 constexpr int64_t kShortRun = Vectorized<float>::size();
+// Batches of at most this many samples walk each unit's runs in turn (see forward_impl).
+constexpr int64_t kFewSamples = 16;
 constexpr int kSums = 4;             // sum s, sum s*y, sum q*y, sum of the penalty terms
 
 // ---- element-wise math, written once for scalars and vectors ------------------------------
@@ -377,12 +379,18 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
   // being unit r % C). Chunk k takes rows [k R, (k + 1) R) and leaves its sums in partial, a
   // (chunks, kSums, C) buffer. Walking memory in order keeps the hardware prefetcher streaming; a
   // walk down one unit would jump C * B elements after every B.
+  // With few samples (runs of a batch of at most kFewSamples), each unit's A runs are walked in
+  // turn instead: A streams, the unit's sums in registers from its first run to its last and
+  // stored once, into partial's single chunk (in memory order, a unit's sums were reloaded and
+  // stored at every run, from a chunk's array of C units that did not fit L1, and reduced across
+  // lanes every few runs: 1.5x the time a sample at B = 64).
   const int64_t numel = A * C * B;
   const bool lanes = B < kShortRun;
+  const bool few = !lanes && A <= kFewSamples;
   const int64_t U = lanes ? C * B : C;  // partial sums per chunk and sum: lanes, or units
   const int64_t rows = lanes ? A : A * C;
   const int64_t R = rows_per_chunk(rows, lanes ? U : B);
-  const int64_t chunks = numel > 0 ? ceil_div(rows, R) : 0;
+  const int64_t chunks = numel > 0 ? (few ? 1 : ceil_div(rows, R)) : 0;
   Buffer<acc_t> partial(new acc_t[chunks * kSums * U]);
   acc_t* pp = partial.get();
   const int64_t chunk_grain = numel <= kSerial ? std::max<int64_t>(1, chunks) : 1;
@@ -423,6 +431,30 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
         }
       }
     });
+  } else if (numel > 0 && few) {
+    // groups of G units, about kGrain elements each
+    const int64_t G = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, A * B));
+    const int64_t groups = ceil_div(C, G);
+    at::parallel_for(0, groups, numel <= kSerial ? groups : 1, [&](int64_t begin, int64_t end) {
+      acc_t obuf[std::is_same_v<scalar_t, acc_t> ? 1 : kTile];
+      for (int64_t c = begin * G; c < std::min(C, end * G); ++c) {
+        RunSums<acc_t> sums;
+        const ForwardCoef<acc_t> unit{mup[c], mup[C + c]};
+        for (int64_t a = 0; a < A; ++a) {
+          const int64_t offset = (a * C + c) * B;
+          if (std::is_same_v<scalar_t, acc_t> || op == nullptr) {
+            sums.add(yp + offset, B, unit, op != nullptr ? op + offset : nullptr);
+          } else {
+            for (int64_t i = 0; i < B; i += kTile) {  // through a float buffer, as above
+              const int64_t n = std::min(kTile, B - i);
+              sums.add(yp + offset + i, n, unit, obuf);
+              at::vec::convert(obuf, op + offset + i, n);
+            }
+          }
+        }
+        sums.store(pp + c, C);
+      }
+    });
   } else if (numel > 0) {
     at::parallel_for(0, chunks, chunk_grain, [&](int64_t begin, int64_t end) {
       std::vector<RunSums<acc_t>> units;
@@ -431,9 +463,13 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
         // the chunk's units: slot i holds unit (r0 + i) % C, whose rows are r0 + i + j C
         const int64_t r0 = k * R, r1 = std::min(rows, r0 + R), n_units = std::min(r1 - r0, C);
         units.assign(n_units, RunSums<acc_t>());
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t c = r % C, offset = r * B;
-          RunSums<acc_t>& sums = units[(r - r0) % C];
+        // row r's unit c = r % C and slot (r - r0) % C, counted rather than divided (two
+        // divisions a row cost as much as the arithmetic of a 64-element row)
+        int64_t c = r0 % C, slot = 0;
+        for (int64_t r = r0; r < r1; ++r, c = c + 1 == C ? 0 : c + 1,
+                     slot = slot + 1 == C ? 0 : slot + 1) {
+          const int64_t offset = r * B;
+          RunSums<acc_t>& sums = units[slot];
           const ForwardCoef<acc_t> unit{mup[c], mup[C + c]};
           if (std::is_same_v<scalar_t, acc_t> || op == nullptr) {
             sums.add(yp + offset, B, unit, op != nullptr ? op + offset : nullptr);
@@ -595,7 +631,8 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
   const int64_t grain =
       numel <= kSerial ? rows : std::max<int64_t>(1, kGrain / std::max<int64_t>(1, L));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
+    int64_t unit = lanes ? 0 : begin % C;  // row r's unit r % C, counted rather than divided
+    for (int64_t r = begin; r < end; ++r, unit = lanes || unit + 1 < C ? unit + 1 : 0) {
       const int64_t offset = r * L, length = std::min(L, numel - offset);
       // float16 / bfloat16: y (and grad_out) converted as they are loaded, the gradient written
       // kTile floats at a time into a buffer that stays in L1 and rounded from there, 16 at a time
@@ -613,7 +650,7 @@ at::Tensor backward_impl(const at::Tensor& grad_penalty, const at::Tensor& y_in,
         } else {
           g = gbuf;
         }
-        const int64_t c = lanes ? i : r % C;  // the (first) lane or unit
+        const int64_t c = lanes ? i : unit;  // the (first) lane or unit
         const acc_t* mu0 = coef.data() + c;   // then mu1, h, w_gap, P apart
         if (lanes && go != nullptr) {
           gradient_run<scalar_t, acc_t, true, true>(y, go, g, n, w, mu0, P, safe, huge_mu);

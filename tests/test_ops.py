@@ -422,14 +422,17 @@ def test_more_than_2_31_elements(shape):
 
 # ---- the lanes loops and the run loops --------------------------------------------------
 
-# Runs (B) on both sides of the switch between the two CPU loops (lanes below a float vector's
-# length, 8 or 16), a sample count that makes several chunks (A = 1500) and one past the
-# single-thread bound (A = 6000, 144k elements).
+# Runs (B) on both sides of the switch between the CPU loops (lanes below a float vector's
+# length, 8 or 16; runs walked unit by unit for batches of at most 16, in memory order above:
+# A = 20), runs longer than the 1024-element tile of float16 / bfloat16 output (B = 1500), a
+# sample count that makes several chunks (A = 1500) and one past the single-thread bound
+# (A = 6000, 144k elements).
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(2, 5, 2), (3, 7, 3), (2, 9, 4), (1, 4, 7), (2, 3, 8),
                                    (2, 6, 9), (3, 5, 15), (2, 4, 16), (2, 3, 17), (2, 2, 31),
-                                   (2, 3, 33), (1500, 3, 4), (6000, 2, 12)])
+                                   (2, 3, 33), (20, 3, 40), (2, 2, 1500), (1500, 3, 4),
+                                   (6000, 2, 12)])
 def test_short_and_long_runs_match_the_reference(shape, dtype):
     y = random_activations(shape, dtype, seed=sum(shape))
     state = ShadeState(shape[1])
