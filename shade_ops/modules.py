@@ -47,8 +47,8 @@ class _Plan:
     lie on dim 1 (so the op takes y itself and returns relu(y) in y's layout), a state that is
     not synchronised. ``fits`` says whether a call is still that case: the same dtype, device,
     number of dims and units, the layer's options unchanged, and the same state with the same
-    buffers (``.to()``, ``load_state_dict(assign=True)`` or a new state replaces them, and the
-    next call is checked again).
+    buffers (``.to()``, ``load_state_dict(assign=True)`` or a new state replaces them: the next
+    call is checked, and makes the site a new plan).
     """
 
     __slots__ = ("dtype", "device", "dim", "units", "unit_dim", "reduction", "backend", "ops",
@@ -242,7 +242,8 @@ class _ShadeLayer(nn.Module):
             if self._last is not None or self._alone is not None:
                 self._last = self._alone = None
             return torch.relu(y) if relu else y
-        if self._plans and type(y) is torch.Tensor:
+        # (compiled code never reads the plans: dynamo would guard on them)
+        if not _is_compiling() and self._plans and type(y) is torch.Tensor:
             out = self._planned(y, relu)
             if out is not None:
                 return out
@@ -306,13 +307,14 @@ class _ShadeLayer(nn.Module):
 
     def _planned(self, y: torch.Tensor, relu: bool) -> torch.Tensor | None:
         """The call through its site's plan, or None (nothing done) when the call needs the
-        checked path: the plan does not fit, or the call runs traced, compiled, without grad or
-        under saved-tensor hooks (a checkpoint, recompute_relu, save_on_cpu).
+        checked path: the plan does not fit, or the call runs traced, exported, without grad or
+        under saved-tensor hooks (a checkpoint, recompute_relu, save_on_cpu); the caller has
+        made sure it is not compiled.
 
         What it skips is what the checked path found out for this site before: the input checks,
         the unit dim, the backend; what it does is the same, the same op on the same arguments,
         the update applied or deferred to the record and the same bookkeeping."""
-        if (_is_compiling() or _is_tracing() or _is_exporting() or not _is_grad_enabled()
+        if (_is_tracing() or _is_exporting() or not _is_grad_enabled()
                 or _saved_tensors_hooks(False) is not None):
             return None
         opened = _forward_record.THREAD.open
