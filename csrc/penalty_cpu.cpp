@@ -4,8 +4,9 @@
 //   B < kShortRun  lanes: each of the A rows of C * B elements vectorised across them, element
 //                  (c, b) a lane of unit c with its own partial sums, added B at a time at the
 //                  end. B == 1 is units innermost ((N, C), channels-last); a short B is NCHW at a
-//                  small image (4x4, 2x2), whose runs would be shorter than a vector or two;
-//   otherwise      every unit a run of B samples (NCHW): vectorised along the run.
+//                  small image (4x4, 2x2), whose runs would be shorter than a vector;
+//   otherwise      every unit a run of B samples (NCHW): vectorised along the run, the runs
+//                  walked in memory order, or unit by unit for a batch of at most kFewSamples.
 // Work is cut into chunks whose size depends only on the shape, and the per-chunk partial sums are
 // added in a fixed order, so the results are bitwise the same from run to run and whatever the
 // number of threads.
@@ -417,6 +418,22 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
     mup = lane_mu.get();
   }
 
+  // The run loops' step: the run of B samples at `offset` into a unit's sums, relu(y) written
+  // where asked; float16 / bfloat16 through the float buffer `obuf` (kTile elements), as in the
+  // lanes loop.
+  auto add_run = [&](RunSums<acc_t>& sums, int64_t offset, const ForwardCoef<acc_t>& unit,
+                     acc_t* obuf) {
+    if (std::is_same_v<scalar_t, acc_t> || op == nullptr) {
+      sums.add(yp + offset, B, unit, op != nullptr ? op + offset : nullptr);
+    } else {
+      for (int64_t i = 0; i < B; i += kTile) {
+        const int64_t n = std::min(kTile, B - i);
+        sums.add(yp + offset + i, n, unit, obuf);
+        at::vec::convert(obuf, op + offset + i, n);
+      }
+    }
+  };
+
   if (numel > 0 && lanes) {
     at::parallel_for(0, chunks, chunk_grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> obuf;
@@ -451,18 +468,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
       for (int64_t c = begin * G; c < std::min(C, end * G); ++c) {
         RunSums<acc_t> sums;
         const ForwardCoef<acc_t> unit{mup[c], mup[C + c]};
-        for (int64_t a = 0; a < A; ++a) {
-          const int64_t offset = (a * C + c) * B;
-          if (std::is_same_v<scalar_t, acc_t> || op == nullptr) {
-            sums.add(yp + offset, B, unit, op != nullptr ? op + offset : nullptr);
-          } else {
-            for (int64_t i = 0; i < B; i += kTile) {  // through a float buffer, as above
-              const int64_t n = std::min(kTile, B - i);
-              sums.add(yp + offset + i, n, unit, obuf);
-              at::vec::convert(obuf, op + offset + i, n);
-            }
-          }
-        }
+        for (int64_t a = 0; a < A; ++a) add_run(sums, (a * C + c) * B, unit, obuf);
         sums.store(pp + c, C);
       }
     });
@@ -479,19 +485,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& y_in, const at
         int64_t c = r0 % C, slot = 0;
         for (int64_t r = r0; r < r1; ++r, c = c + 1 == C ? 0 : c + 1,
                      slot = slot + 1 == C ? 0 : slot + 1) {
-          const int64_t offset = r * B;
-          RunSums<acc_t>& sums = units[slot];
-          const ForwardCoef<acc_t> unit{mup[c], mup[C + c]};
-          if (std::is_same_v<scalar_t, acc_t> || op == nullptr) {
-            sums.add(yp + offset, B, unit, op != nullptr ? op + offset : nullptr);
-          } else {
-            // relu(y) through a float buffer, as in the units-innermost loop above
-            for (int64_t i = 0; i < B; i += kTile) {
-              const int64_t n = std::min(kTile, B - i);
-              sums.add(yp + offset + i, n, unit, obuf);
-              at::vec::convert(obuf, op + offset + i, n);
-            }
-          }
+          add_run(units[slot], r * B, ForwardCoef<acc_t>{mup[c], mup[C + c]}, obuf);
         }
         acc_t* chunk_partial = pp + k * kSums * C;
         if (n_units < C) std::fill(chunk_partial, chunk_partial + kSums * C, acc_t(0));

@@ -334,7 +334,11 @@ class _ShadeLayer(nn.Module):
         else:
             value, sums, _ = ops.forward(y, plan.mu, plan.reduction)
             out = y
-        attributes = self.__dict__  # plain attributes: nn.Module.__setattr__ costs a microsecond
+        # The checked path's bookkeeping, written again: here through __dict__ (nn.Module's
+        # __setattr__ costs a microsecond), which the checked path, traced by torch.compile, cannot
+        # use; and the update without apply_update's all-reduce (a plan's state is never
+        # synchronised) and its nn.Module attribute reads.
+        attributes = self.__dict__
         if record is None:
             ops.update(plan.p, plan.mu, sums, plan.state.decay)
             attributes["_last"] = None

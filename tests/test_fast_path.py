@@ -385,3 +385,58 @@ def test_updates_keep_their_order_around_a_state_that_is_not_batched():
                    (native, shared, sums[2])])
     assert_close(shared.mu, expected.mu, torch.float32, "state")
     assert_close(shared.p, expected.p, torch.float32, "state")
+
+
+def checked_steps(model: nn.Module, inputs, monkeypatch) -> list:
+    """The same steps through the checked path only (no plans), for comparison."""
+    results = []
+    with monkeypatch.context() as patch:
+        patch.setattr(modules._ShadeLayer, "_plan", lambda *args: None)
+        for layer in model.modules():
+            if isinstance(layer, ShadeReLU):
+                layer.__dict__["_plans"] = {}
+        for x in inputs:
+            results.append(step(model, x))
+    return results
+
+
+def test_planned_eager_steps_then_torch_compile_with_a_new_input_size(monkeypatch):
+    # plans made in eager; then the model compiled (dynamo must neither use nor guard on them)
+    # and run at two batch sizes; against the same steps through the checked path
+    model = net()
+    expected_model = copy.deepcopy(model)
+    inputs = [batch(0), batch(1), batch(2, n=6), batch(3, n=3)]
+    for x in inputs[:2]:
+        step(model, x)
+    assert all(layer._plans for layer in model.modules() if isinstance(layer, ShadeReLU))
+    compiled = torch.compile(model, dynamic=True)
+    results = [step(compiled, x) for x in inputs[2:]]
+    expected = checked_steps(expected_model, inputs, monkeypatch)[2:]
+    for (value, grads), (expected_value, expected_grads) in zip(results, expected):
+        assert_close(value, expected_value, torch.float32, "penalty")
+        for g, e in zip(grads, expected_grads):
+            assert_close(g, e, torch.float32, "grad")
+    for a, b in zip(states(model), states(expected_model)):
+        assert_close(a, b, torch.float32, "state")
+
+
+def test_deepcopy_mid_step_then_both_train_as_the_checked_path(monkeypatch):
+    # an EMA-style copy between the forward and the backward of a planned step
+    model = net()
+    step(model, batch(0))
+    x = batch(1).requires_grad_()
+    out = model(x)
+    copied = copy.deepcopy(model)
+    (out.square().sum() + shade_ops.collect(model)).backward()
+    for seed in (2, 3):
+        step(model, batch(seed))
+        step(copied, batch(seed))
+    expected_model = net()
+    expected = checked_steps(expected_model, [batch(0), batch(1), batch(2), batch(3)],
+                             monkeypatch)
+    assert_close(shade_ops.collect(model).detach(), expected[-1][0], torch.float32, "penalty")
+    for a, b in zip(states(model), states(expected_model)):
+        assert_close(a, b, torch.float32, "state")
+    # the copy was taken after step 1's forward (its update applied), so it matches too
+    for a, b in zip(states(copied), states(expected_model)):
+        assert_close(a, b, torch.float32, "state")
